@@ -1,0 +1,237 @@
+"""Generation engines behind one config.
+
+- ``transformers``: in-process, :class:`BatchedTransformersLLM`. distilabel's own
+  ``TransformersLLM`` runs the HF text-generation pipeline one prompt at a time
+  and passes the removed ``torch_dtype`` keyword on transformers 5, so we batch
+  prompts ourselves (left padding, ``num_return_sequences=K``) and seed each
+  batch from its content, which makes a resumed run reproduce an uninterrupted one.
+- ``vllm``: a vLLM OpenAI-compatible server started by :mod:`tpo_data.vllm_server`
+  (or an existing one at ``--base_url``), reached with distilabel's ``OpenAILLM``;
+  K samples come from one request with ``n=K``, so the prompt prefix is shared.
+- ``openai``: any OpenAI-compatible endpoint at ``--base_url``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distilabel.models.llms.base import LLM
+from distilabel.models.llms.utils import prepare_output
+from pydantic import PrivateAttr
+
+from tpo_data.errors import TPODataError
+
+if TYPE_CHECKING:
+    from distilabel.typing import GenerateOutput, StandardInput
+
+ENGINES = ("transformers", "vllm", "openai")
+
+
+@dataclass
+class EngineArguments:
+    """Which model generates, and through which engine."""
+
+    model: str = field(
+        default="embedded",
+        metadata={"help": "Model: 'embedded' (SmolLM2-135M-Instruct), a local folder or a Hub id."},
+    )
+    engine: str = field(
+        default="vllm",
+        metadata={"help": "Engine: transformers (in-process), vllm (OpenAI server) or openai.",
+                  "choices": list(ENGINES)},
+    )
+    base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint (…/v1). Required for 'openai'; for 'vllm' "
+                  "use a running server instead of starting one."},
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model name at the endpoint (default: what /v1/models lists)."}
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the endpoint's API key (never logged)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bf16 for vLLM, fp32 for transformers on CPU), "
+                  "float32, bfloat16, float16."},
+    )
+    max_batch_sequences: int = field(
+        default=64, metadata={"help": "transformers engine: sequences (prompts x K) per generate call."}
+    )
+    request_timeout: float = field(
+        default=900.0, metadata={"help": "Seconds before one engine request is abandoned."}
+    )
+    vllm_port: int = field(default=8011, metadata={"help": "Port of the vLLM server we start."})
+    vllm_python: str | None = field(
+        default=None,
+        metadata={"help": "Python interpreter with vLLM installed (default: $TPO_VLLM_PYTHON, "
+                  "then .venv-vllm/bin/python)."},
+    )
+    vllm_kvcache_gb: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE on CPU."})
+    vllm_max_model_len: int = field(default=4096, metadata={"help": "vLLM --max-model-len."})
+    vllm_startup_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for vLLM."})
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise TPODataError(
+                f"Unknown engine {self.engine!r}.", f"Use one of: {', '.join(ENGINES)}."
+            )
+        if self.engine == "openai" and not self.base_url:
+            raise TPODataError(
+                "The 'openai' engine needs an endpoint.",
+                "Pass --base_url http://HOST:PORT/v1 (and put its key in $OPENAI_API_KEY).",
+            )
+
+
+@dataclass
+class SamplingArguments:
+    """How the K samples per instruction are drawn (METHOD.md 1.2 defaults)."""
+
+    num_samples: int = field(default=8, metadata={"help": "K: samples per instruction."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling top-p."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Tokens per sample at most."})
+    seed: int = field(default=0, metadata={"help": "Base seed for sampling."})
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise TPODataError(
+                f"--num_samples must be at least 1 (got {self.num_samples}).",
+                "TPO needs K >= 2 samples to form a pair; the paper uses 8.",
+            )
+        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0:
+            raise TPODataError(
+                f"Invalid sampling settings temperature={self.temperature}, top_p={self.top_p}.",
+                "Use temperature >= 0 and 0 < top_p <= 1 (paper: 0.8 and 0.95).",
+            )
+
+
+def batch_seed(base: int, prompts: list[str]) -> int:
+    """A seed that depends only on the batch's content, so reruns sample identically."""
+    digest = hashlib.sha256(("\x00".join(prompts) + f"\x01{base}").encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class BatchedTransformersLLM(LLM):
+    """distilabel LLM over ``transformers.generate`` with real batching.
+
+    Each batch of prompts becomes generate calls of at most ``max_batch_sequences``
+    sequences (prompts x K), prompts sorted by length to limit padding.
+    """
+
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    max_batch_sequences: int = 64
+
+    _model: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
+
+    def load(self) -> None:
+        super().load()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._model = AutoModelForCausalLM.from_pretrained(
+            self.model, dtype=getattr(torch, self.dtype)
+        ).to(self.device)
+        self._model.eval()
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    def prepare_input(self, input: "StandardInput") -> str:
+        return self._tokenizer.apply_chat_template(input, tokenize=False, add_generation_prompt=True)
+
+    def generate(  # type: ignore[override]
+        self,
+        inputs: list["StandardInput"],
+        num_generations: int = 1,
+        max_new_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+    ) -> list["GenerateOutput"]:
+        import torch
+
+        prompts = [self.prepare_input(i) for i in inputs]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_call = max(1, self.max_batch_sequences // max(1, num_generations))
+        texts: dict[int, list[str]] = {}
+        counts: dict[int, tuple[int, list[int]]] = {}
+        eos = self._tokenizer.eos_token_id
+        for start in range(0, len(order), per_call):
+            chunk = order[start : start + per_call]
+            enc = self._tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                add_special_tokens=False,
+            ).to(self.device)
+            with torch.random.fork_rng(devices=[]), torch.inference_mode():
+                torch.manual_seed(batch_seed(self.seed, [prompts[i] for i in chunk]))
+                out = self._model.generate(
+                    **enc,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=top_p if temperature > 0 else None,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_generations,
+                    pad_token_id=self._tokenizer.pad_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            for j, i in enumerate(chunk):
+                rows = new[j * num_generations : (j + 1) * num_generations]
+                lengths = []
+                for row in rows.tolist():
+                    n = row.index(eos) if eos in row else len(row)
+                    lengths.append(n)
+                texts[i] = self._tokenizer.batch_decode(rows, skip_special_tokens=True)
+                prompt_len = int(enc["attention_mask"][j].sum())
+                counts[i] = (prompt_len, lengths)
+        return [
+            prepare_output(texts[i], input_tokens=[counts[i][0]], output_tokens=counts[i][1])
+            for i in range(len(prompts))
+        ]
+
+
+def api_key(args: EngineArguments) -> str:
+    """The endpoint key from the environment; local servers accept any value."""
+    return os.environ.get(args.api_key_env) or "EMPTY"
+
+
+def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: str,
+              base_url: str | None, served_name: str | None) -> LLM:
+    """The distilabel LLM for the configured engine, with sampling settings attached."""
+    if args.engine == "transformers":
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        return BatchedTransformersLLM(
+            model=str(model_path), dtype=dtype, seed=sampling.seed,
+            max_batch_sequences=args.max_batch_sequences,
+            generation_kwargs={"max_new_tokens": sampling.max_new_tokens,
+                               "temperature": sampling.temperature, "top_p": sampling.top_p},
+        )
+    from distilabel.models.llms import OpenAILLM
+
+    return OpenAILLM(
+        model=served_name or str(model_path),
+        base_url=base_url,
+        api_key=api_key(args),
+        timeout=int(args.request_timeout),
+        max_retries=2,
+        generation_kwargs={
+            "max_new_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            # vLLM honours a per-request seed; other endpoints may ignore it.
+            "extra_body": {"seed": sampling.seed},
+        },
+    )

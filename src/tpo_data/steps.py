@@ -1,0 +1,80 @@
+"""distilabel steps of the TPO pipeline: ``load >> generate >> split``.
+
+``ThoughtGeneration`` wraps each instruction in the thought prompt and asks the
+engine for K samples in one call; ``SplitThoughts`` splits every sample into
+thought and response. A batch the engine failed on arrives here with
+``generation = None`` (distilabel imputes failed batches instead of stopping);
+it is marked ``engine_ok = False`` so the runner can report and retry it,
+never mistaking it for a parse failure.
+"""
+
+
+from typing import TYPE_CHECKING, Any
+
+from distilabel.mixins.signature import _EXCLUDE_FROM_SIGNATURE_DEFAULTS
+from distilabel.steps import Step, StepInput
+from distilabel.steps.tasks import Task
+from pydantic import Field
+
+from tpo_data.parsing import split_output
+from tpo_data.prompts import ThoughtPrompt
+
+if TYPE_CHECKING:
+    from distilabel.typing import StepOutput
+
+# The endpoint address changes between runs (ports, hosts); it must not
+# invalidate the cache a resumed run relies on.
+_EXCLUDE = _EXCLUDE_FROM_SIGNATURE_DEFAULTS | {"llm_base_url", "llm_timeout", "llm_max_retries"}
+
+
+class ThoughtGeneration(Task):
+    """Sample K thought+response outputs for an instruction wrapped in a thought prompt."""
+
+    prompt_user: str
+    prompt_system: str | None = None
+    exclude_from_signature: set[str] = Field(default=_EXCLUDE, exclude=True)
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["instruction"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["generation", "model_name"]
+
+    def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
+        prompt = ThoughtPrompt(
+            name="pipeline", user=self.prompt_user, separator=None, system=self.prompt_system
+        )
+        return prompt.messages(input["instruction"])
+
+    def format_output(self, output: str | None, input: dict[str, Any] | None = None) -> dict:
+        return {"generation": output}
+
+
+class SplitThoughts(Step):
+    """Split each sample at the response separator; count parse failures per row."""
+
+    separator: str | None = None
+    thought_marker: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["generation"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["thoughts", "responses", "parsed", "engine_ok"]
+
+    def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
+        for row in inputs:
+            samples = row.get("generation")
+            ok = isinstance(samples, list) and bool(samples) and all(
+                isinstance(s, str) for s in samples
+            )
+            splits = [split_output(s, self.separator, self.thought_marker) for s in samples] if ok else []
+            row["engine_ok"] = ok
+            row["thoughts"] = [s.thought for s in splits]
+            row["responses"] = [s.response for s in splits]
+            row["parsed"] = [s.parsed for s in splits]
+        yield inputs
