@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from tpo_data import cli_store
 from tpo_data.errors import TPODataError
 
 
@@ -51,4 +52,4 @@ def _run_tpo(rest: list[str]) -> None:
     tpo_main(rest)
 
 
-_COMMAND_MODULES: list = []
+_COMMAND_MODULES: list = [cli_store]

@@ -21,7 +21,11 @@ class Split:
     parsed: bool
 
 
-_DECOR = r"[\s*_#>`]*"
+# Markdown a model may wrap the separator in: "## Here is my response", "**<R>**".
+# Only emphasis markers touching the separator are consumed, so a response that
+# starts with its own heading or bullet keeps it.
+_BEFORE = r"(?:#{1,6}[ \t]*|\*\*|__)?"
+_AFTER = r"(?:\*\*|__)?"
 
 
 def _loose(phrase: str) -> str:
@@ -45,7 +49,7 @@ def _loose(phrase: str) -> str:
 
 @lru_cache(maxsize=64)
 def separator_pattern(separator: str) -> re.Pattern[str]:
-    return re.compile(_DECOR + _loose(separator) + _DECOR, re.IGNORECASE)
+    return re.compile(_BEFORE + _loose(separator) + _AFTER, re.IGNORECASE)
 
 
 def split_output(text: str, separator: str | None, thought_marker: str | None = None) -> Split:

@@ -2,9 +2,10 @@
 
 The run keeps a ledger of finished instructions (``generations.jsonl``). Each
 pass runs the distilabel pipeline over the instructions not yet finished:
-- killed mid-pass (even SIGKILL), the next run has the same pending set, hence
-  the same pipeline name and signature, and distilabel resumes from its cache
-  without redoing finished batches;
+- every finished batch is checkpointed by the last step (see ``tpo_data.steps``
+  for why distilabel's own cache is not enough after a SIGKILL); a killed run's
+  next pass starts after the last finished batch, at the same batch boundaries,
+  so content-seeded sampling reproduces an uninterrupted run;
 - rows the engine failed on (server down or dead) are not written to the
   ledger; the run stops with a clear error and the next run retries only them.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
 from tpo_data.errors import TPODataError
 from tpo_data.prompts import ThoughtPrompt
+from tpo_data.steps import KEEP
 
 log = logging.getLogger("tpo_data")
 
@@ -73,7 +75,8 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
 
 
 def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
-                   num_samples: int, input_batch_size: int, cache_dir: Path):
+                   num_samples: int, input_batch_size: int, cache_dir: Path,
+                   checkpoint_dir: Path | None = None):
     """``load >> generate >> split``; later stages (judge, pairs) attach after ``split``."""
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
@@ -89,6 +92,7 @@ def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
         split = SplitThoughts(
             name="split", separator=prompt.separator, thought_marker=prompt.thought_marker,
             input_batch_size=input_batch_size,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         )
         load >> generate >> split
     return pipeline
@@ -101,20 +105,29 @@ def _pass_name(iteration: int, ids: list[str]) -> str:
 
 
 class GenerationLedger:
-    """Finished rows of one iteration, one JSON object per instruction."""
+    """Finished rows of one iteration, one JSON object per instruction.
+
+    Batch checkpoints of an interrupted pass (``checkpoints/``) count as finished.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.checkpoints = path.parent / "checkpoints"
         self.rows: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
+        files = [path] if path.exists() else []
+        files += sorted(self.checkpoints.glob("*.jsonl")) if self.checkpoints.is_dir() else []
+        for file in files:
+            for line in file.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
                     self.rows[row["id"]] = row
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, rows: list[dict], order: list[str]) -> None:
+        """Add finished rows and rewrite the ledger in ``order`` (the slice's order)."""
         for row in rows:
             self.rows[row["id"]] = row
+        rank = {id_: i for i, id_ in enumerate(order)}
+        self.rows = dict(sorted(self.rows.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         tmp = self.path.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as fh:
@@ -123,10 +136,9 @@ class GenerationLedger:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-
-
-KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
-        "model_name")
+        # Everything checkpointed is now in the ledger.
+        for file in self.checkpoints.glob("*.jsonl") if self.checkpoints.is_dir() else []:
+            file.unlink()
 
 
 @dataclass
@@ -157,14 +169,14 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
             llm = build_llm(engine, sampling, model_path, base_url, served)
             pipeline = build_pipeline(
                 _pass_name(run.iteration, [r["id"] for r in pending]), pending, prompt, llm,
-                sampling.num_samples, run.input_batch_size, cache_dir,
+                sampling.num_samples, run.input_batch_size, cache_dir, ledger.checkpoints,
             )
             if run.use_ray:
                 pipeline = pipeline.ray()
             distiset = pipeline.run(use_cache=True)
         produced = list(distiset["default"]["train"]) if distiset else []
         ok = [{k: r.get(k) for k in KEEP} for r in produced if r.get("engine_ok")]
-        ledger.add(ok)
+        ledger.add(ok, [r["id"] for r in rows])
         missing = [r["id"] for r in pending if r["id"] not in ledger.rows]
         if missing:
             where = engine.base_url or engine.engine

@@ -6,7 +6,19 @@ thought and response. A batch the engine failed on arrives here with
 ``generation = None`` (distilabel imputes failed batches instead of stopping);
 it is marked ``engine_ok = False`` so the runner can report and retry it,
 never mistaking it for a parse failure.
+
+``SplitThoughts`` also checkpoints every finished batch (atomically, one file
+per batch) when given a ``checkpoint_dir``. distilabel's cache cannot resume a
+run killed with SIGKILL: the batch that was in a step's input queue is lost
+while the batch manager counts it as sent, and the resumed run waits for it
+forever (upstream issue argilla-io/distilabel#1065). The checkpoints let the
+runner resume from the last finished batch instead.
 """
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 
 from typing import TYPE_CHECKING, Any
@@ -52,11 +64,33 @@ class ThoughtGeneration(Task):
         return {"generation": output}
 
 
+# The columns a finished row keeps in checkpoints and the iteration ledger.
+KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
+        "model_name")
+
+
+def write_checkpoint(directory: str | Path, rows: list[dict]) -> None:
+    """Atomically write finished rows to ``directory`` (one file per batch)."""
+    if not rows:
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps({k: row.get(k) for k in KEEP}, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / f"{name}.jsonl")
+
+
 class SplitThoughts(Step):
     """Split each sample at the response separator; count parse failures per row."""
 
     separator: str | None = None
     thought_marker: str | None = None
+    checkpoint_dir: str | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -77,4 +111,6 @@ class SplitThoughts(Step):
             row["thoughts"] = [s.thought for s in splits]
             row["responses"] = [s.response for s in splits]
             row["parsed"] = [s.parsed for s in splits]
+        if self.checkpoint_dir:
+            write_checkpoint(self.checkpoint_dir, [r for r in inputs if r["engine_ok"]])
         yield inputs

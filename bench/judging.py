@@ -1,0 +1,311 @@
+"""Benchmarks for the judging stage of tpo-data.
+
+Usage:
+    python bench/judging.py                         # every section, default settings (< 1 min)
+    python bench/judging.py --section tournament    # one section
+    python bench/judging.py --n 5000 --sigma 3 --resample --json out.json
+
+Section "tournament" (tournament vs round-robin): simulates a pair-wise LLM
+judge over K candidates per instruction with known Bradley-Terry strengths
+s ~ Normal(0, sigma^2). A call showing a as A and b as B returns a tie or
+unparsable verdict with probability --tie-prob, otherwise "A wins" with
+probability sigmoid(s_a - s_b + position_bias). By default every ordered pair
+has one fixed verdict (a greedy, temperature-0 judge answers the same prompt
+the same way); --resample draws every call afresh (a sampling judge).
+
+For every instruction it runs the paper's full round robin (K(K-1) calls,
+Bradley-Terry fit, argmax/argmin) and tpo_data.tournament (bracket
+best/worst, and a Bradley-Terry fit on the tournament's own judgments), and
+reports calls per instruction, agreement with the round robin on (chosen,
+rejected) (both must match), agreement with the true best/worst, and the
+share of the true best-worst strength gap the selected pair captures. A
+sweep over sigma shows how agreement grows with judge accuracy, where judge
+accuracy = P(a call names the truly better candidate), ties counting as
+misses.
+
+Defaults are meant to resemble an LLM judge comparing samples of one policy:
+accuracy about 0.78, A preferred 62% of the time between equal answers
+(position bias 0.5 logits), 5% ties or unparsable verdicts.
+
+New sections: write ``<name>_report(args) -> dict`` and
+``print_<name>(report)``, add the section's options in ``build_parser`` and
+register it in ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from tpo_data.scoring import bradley_terry, win_matrix
+from tpo_data.tournament import Tournament, round_robin_calls, tournament_calls
+
+BAR = 0.95  # target agreement of the tournament with the round robin on (chosen, rejected)
+# Piped output (logs, CI) gets full-width tables instead of the 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def _verdicts(rng: np.random.Generator, strengths: np.ndarray, position_bias: float, tie_prob: float) -> np.ndarray:
+    """One verdict per ordered pair: ``v[i, a, b]`` is r for candidate a shown as A against b as B."""
+    diff = strengths[:, :, None] - strengths[:, None, :] + position_bias
+    a_wins = rng.random(diff.shape) < 1.0 / (1.0 + np.exp(-diff))
+    v = np.where(a_wins, 1, -1)
+    v[rng.random(diff.shape) < tie_prob] = 0
+    k = strengths.shape[1]
+    v[:, np.arange(k), np.arange(k)] = 0
+    return v
+
+
+def _round_robin(v: np.ndarray) -> tuple[int, int]:
+    """Argmax and argmin of the Bradley-Terry fit on all K(K-1) verdicts of one instruction."""
+    k = v.shape[0]
+    s = bradley_terry(win_matrix(k, [(a, b, int(v[a, b])) for a, b in round_robin_calls(k)]))
+    return int(np.argmax(s)), int(np.argmin(s))
+
+
+def _tournaments(v: np.ndarray) -> list[Tournament]:
+    """Run one tournament per instruction, batching each round's calls over all instructions."""
+    n, k = v.shape[:2]
+    tours = [Tournament(k) for _ in range(n)]
+    while True:
+        batch = [(i, call) for i, t in enumerate(tours) for call in t.next_calls()]
+        if not batch:
+            return tours
+        results: dict[int, list[tuple[int, int, int]]] = {}
+        for i, (a, b) in batch:
+            results.setdefault(i, []).append((a, b, int(v[i, a, b])))
+        for i, res in results.items():
+            tours[i].record(res)
+
+
+def _gap_share(strengths: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> float:
+    """Mean of (s_chosen - s_rejected) / (s_max - s_min): 1 means the true best and worst."""
+    rows = np.arange(len(strengths))
+    spread = strengths.max(axis=1) - strengths.min(axis=1)
+    return float(np.mean((strengths[rows, chosen] - strengths[rows, rejected]) / spread))
+
+
+def _simulate(
+    n: int, k: int, sigma: float, position_bias: float, tie_prob: float, resample: bool, seed: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    strengths = rng.normal(0.0, sigma, size=(n, k))
+    v_rr = _verdicts(rng, strengths, position_bias, tie_prob)
+    # A sampling judge answers every call afresh; a greedy one repeats itself.
+    v_tour = _verdicts(rng, strengths, position_bias, tie_prob) if resample else v_rr
+    v_rerun = _verdicts(rng, strengths, position_bias, tie_prob) if resample else v_rr
+
+    rr = np.array([_round_robin(v) for v in v_rr])
+    rerun = np.array([_round_robin(v) for v in v_rerun]) if resample else rr
+    tours = _tournaments(v_tour)
+    bracket = np.array([(t.best, t.worst) for t in tours])
+    tour_bt = np.array(
+        [(int(np.argmax(s)), int(np.argmin(s))) for s in (bradley_terry(win_matrix(k, t.judgments)) for t in tours)]
+    )
+    truth = np.stack([strengths.argmax(axis=1), strengths.argmin(axis=1)], axis=1)
+
+    off_diag = ~np.eye(k, dtype=bool)
+    better_a = (strengths[:, :, None] > strengths[:, None, :])[:, off_diag]
+    verdicts = v_rr[:, off_diag]
+    accuracy = float(np.mean(np.where(better_a, verdicts == 1, verdicts == -1)))
+    decisive = verdicts != 0
+
+    def row(calls: np.ndarray, picks: np.ndarray) -> dict[str, float]:
+        return {
+            "calls_mean": float(calls.mean()),
+            "calls_max": int(calls.max()),
+            "agree_rr_pair": float(np.mean(np.all(picks == rr, axis=1))),
+            "agree_rr_chosen": float(np.mean(picks[:, 0] == rr[:, 0])),
+            "agree_rr_rejected": float(np.mean(picks[:, 1] == rr[:, 1])),
+            "agree_true_pair": float(np.mean(np.all(picks == truth, axis=1))),
+            "true_gap_share": _gap_share(strengths, picks[:, 0], picks[:, 1]),
+        }
+
+    rr_calls = np.full(n, k * (k - 1))
+    tour_calls = np.array([t.calls_used for t in tours])
+    return {
+        "judge_accuracy": accuracy,
+        "a_win_rate": float(np.mean(verdicts[decisive] == 1)),
+        "tie_rate": float(np.mean(~decisive)),
+        "rows": {
+            "round robin": row(rr_calls, rr),
+            "RR rerun": row(rr_calls, rerun),
+            "tournament": row(tour_calls, bracket),
+            "tournament+BT": row(tour_calls, tour_bt),
+        },
+    }
+
+
+def tournament_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Tournament vs round robin at the configured judge noise, plus a sweep over sigma."""
+    start = time.perf_counter()
+    config = {
+        "n": args.n,
+        "k": args.k,
+        "sigma": args.sigma,
+        "position_bias": args.position_bias,
+        "tie_prob": args.tie_prob,
+        "judge": "sampling (--resample)" if args.resample else "greedy (fixed verdict per ordered pair)",
+        "seed": args.seed,
+    }
+    main_run = _simulate(args.n, args.k, args.sigma, args.position_bias, args.tie_prob, args.resample, args.seed)
+    sweep = []
+    for sigma in args.sweep:
+        sim = _simulate(args.sweep_n, args.k, sigma, args.position_bias, args.tie_prob, args.resample, args.seed + 1)
+        sweep.append(
+            {
+                "sigma": sigma,
+                "judge_accuracy": sim["judge_accuracy"],
+                "rr_agree_true_pair": sim["rows"]["round robin"]["agree_true_pair"],
+                "rr_rerun_agree_pair": sim["rows"]["RR rerun"]["agree_rr_pair"],
+                "tournament_agree_rr_pair": sim["rows"]["tournament"]["agree_rr_pair"],
+                "tournament_bt_agree_rr_pair": sim["rows"]["tournament+BT"]["agree_rr_pair"],
+            }
+        )
+    bracket = main_run["rows"]["tournament"]
+    return {
+        "config": config,
+        **main_run,
+        "budget_calls": tournament_calls(args.k),
+        "bar": {
+            "target_agreement": BAR,
+            "max_calls": args.k * (args.k - 1) // 4,
+            "measured_agreement": bracket["agree_rr_pair"],
+            "met": bracket["agree_rr_pair"] >= BAR and bracket["calls_max"] <= args.k * (args.k - 1) // 4,
+        },
+        "sweep": sweep,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def print_tournament(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    console.rule("[bold]tournament vs round robin")
+    console.print(
+        f"K={cfg['k']}, {cfg['n']} instructions, strengths ~ N(0, {cfg['sigma']}^2), "
+        f"position bias {cfg['position_bias']} logits, tie/unparsable {cfg['tie_prob']:.0%}, "
+        f"{cfg['judge']} judge, seed {cfg['seed']}"
+    )
+    console.print(
+        f"Simulated judge: accuracy {report['judge_accuracy']:.3f} "
+        "(P(names the truly better one), ties count as misses), "
+        f"A wins {report['a_win_rate']:.1%} of decisive calls, {report['tie_rate']:.1%} ties"
+    )
+    table = Table()
+    for col in ("method", "calls", "max", "=RR pair", "=RR best", "=RR worst", "=true pair", "gap share"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, r in report["rows"].items():
+        table.add_row(
+            name,
+            f"{r['calls_mean']:.1f}",
+            str(r["calls_max"]),
+            f"{r['agree_rr_pair']:.1%}",
+            f"{r['agree_rr_chosen']:.1%}",
+            f"{r['agree_rr_rejected']:.1%}",
+            f"{r['agree_true_pair']:.1%}",
+            f"{r['true_gap_share']:.3f}",
+        )
+    console.print(table)
+    console.print(
+        "RR rerun: a second round robin with fresh judge verdicts (identical for a greedy judge). "
+        "tournament+BT: argmax/argmin of a Bradley-Terry fit on the tournament's judgments. "
+        "gap share: mean (s_chosen - s_rejected) / (s_max - s_min) in true strengths."
+    )
+    bar = report["bar"]
+    verdict = "[green]met[/]" if bar["met"] else "[red]not met[/]"
+    console.print(
+        f"Bar: tournament agrees with round robin on (chosen, rejected) >= {bar['target_agreement']:.0%} "
+        f"with <= {bar['max_calls']} calls: measured {bar['measured_agreement']:.1%} -> {verdict}"
+    )
+    if report["sweep"]:
+        sweep = Table(title="agreement vs judge accuracy (sweep over sigma)")
+        for col in ("sigma", "judge acc", "RR=true pair", "RR=RR rerun", "tournament=RR", "tournament+BT=RR"):
+            sweep.add_column(col, justify="right")
+        for s in report["sweep"]:
+            sweep.add_row(
+                f"{s['sigma']:g}",
+                f"{s['judge_accuracy']:.3f}",
+                f"{s['rr_agree_true_pair']:.1%}",
+                f"{s['rr_rerun_agree_pair']:.1%}",
+                f"{s['tournament_agree_rr_pair']:.1%}",
+                f"{s['tournament_bt_agree_rr_pair']:.1%}",
+            )
+        console.print(sweep)
+    console.print(f"({report['seconds']:.1f} s)")
+
+
+SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
+    "tournament": (tournament_report, print_tournament),
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--section", choices=sorted(SECTIONS), action="append", help="run only these sections (repeatable)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write all reports as JSON")
+
+    tour = parser.add_argument_group("tournament vs round robin")
+    tour.add_argument("--n", type=int, default=2000, help="instructions to simulate (default 2000)")
+    tour.add_argument("--k", type=int, default=8, help="samples per instruction (default 8, as in the paper)")
+    tour.add_argument(
+        "--sigma",
+        type=float,
+        default=2.0,
+        help="std of true strengths in logits; larger = easier judge (default 2.0: judge accuracy ~0.78)",
+    )
+    tour.add_argument(
+        "--position-bias",
+        type=float,
+        default=0.5,
+        help="logit added for the answer shown as A (default 0.5: A wins 62%% between equals)",
+    )
+    tour.add_argument(
+        "--tie-prob", type=float, default=0.05, help="probability of a tie or unparsable verdict (default 0.05)"
+    )
+    tour.add_argument(
+        "--resample",
+        action="store_true",
+        help="sampling judge: every call is drawn afresh (default: greedy, one fixed verdict per ordered pair)",
+    )
+    tour.add_argument(
+        "--sweep",
+        type=_floats,
+        default=[1.0, 2.0, 4.0, 8.0, 16.0],
+        help="comma-separated sigmas for the sweep table ('' to skip)",
+    )
+    tour.add_argument("--sweep-n", type=int, default=500, help="instructions per sweep point (default 500)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    reports = {}
+    for name in args.section or list(SECTIONS):
+        run, show = SECTIONS[name]
+        reports[name] = run(args)
+        show(reports[name])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Publish local store versions to the Hugging Face Hub as immutable, tagged revisions.
+
+A version folder (card, ``data/pairs`` and ``data/candidates`` parquet shards,
+plots, ``pipeline.yaml``, ``manifest.json``) goes up in one commit of the exact
+local bytes, so the sha256 sums in the manifest hold on the Hub too. The commit
+makes ``main`` equal to that version (files of an older version that the new one
+lacks are deleted in the same commit), and a tag (``iter-N`` by default) is then
+created on the returned commit sha, never on ``main``, so
+``load_dataset(repo, revision="iter-N")`` returns exactly that iteration.
+
+Failure rules: an existing tag is refused before anything is uploaded; 5xx and
+dropped connections are retried with exponential backoff; a stale parent (HTTP
+412) is retried against the fresh ``main``; the tag is only created after the
+commit succeeded; the local version is only read. Retrying a commit whose answer
+was lost is safe: the retry sees identical files on ``main`` and tags that commit
+instead of making a duplicate. Tokens never reach messages: every error text
+passes through :func:`tpo_data.secrets.scrub`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tpo_data import secrets
+from tpo_data.errors import TPODataError
+from tpo_data.store import MANIFEST, LocalStore, check_version_name, sha256_file
+
+logger = logging.getLogger(__name__)
+
+REPO_TYPE = "dataset"
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_MAX_DELAY_S = 60.0
+# Hub-managed file; deleting it would change how the Hub stores the data files.
+_KEEP_REMOTE = {".gitattributes"}
+T = TypeVar("T")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exception types of whichever HTTP client huggingface_hub uses."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    # huggingface_hub wraps LFS upload failures in RuntimeError; the cause decides.
+    chain, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _first_status(err: BaseException) -> int | None:
+    return next((s for s in map(_status, _causes(err)) if s is not None), None)
+
+
+def _is_transient(err: BaseException) -> bool:
+    transport = _transport_errors()
+    return any(isinstance(e, transport) or _status(e) in _TRANSIENT_STATUS for e in _causes(err))
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return secrets.scrub(f"{type(err).__name__}: {text}")
+
+
+def _delay(attempt: int, backoff: float) -> float:
+    return min(_MAX_DELAY_S, backoff * 2**attempt)
+
+
+def _resolve_token(token: str | None, *, required: bool) -> str | None:
+    if token is None:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    if token is None and required:
+        raise TPODataError(
+            "no Hugging Face token found for publishing",
+            "export HF_TOKEN=<a write token from https://huggingface.co/settings/tokens> "
+            "or run `hf auth login`",
+        )
+    secrets.register(token)
+    return token
+
+
+def _api(token: str | None) -> Any:
+    from huggingface_hub import HfApi
+
+    from tpo_data import __version__
+
+    return HfApi(token=token, library_name="tpo-data", library_version=__version__)
+
+
+def _retrying(
+    call: Callable[[], T],
+    what: str,
+    *,
+    max_retries: int,
+    backoff: float,
+    passthrough: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Run ``call``, retrying transient failures; raise a scrubbed TPODataError otherwise.
+
+    Exceptions of the ``passthrough`` types are re-raised unchanged for the caller to handle.
+    """
+    for attempt in range(max_retries + 1):
+        try:
+            return call()
+        except passthrough:
+            raise
+        except Exception as err:  # classified below, re-raised scrubbed
+            if _is_transient(err) and attempt < max_retries:
+                delay = _delay(attempt, backoff)
+                logger.warning(
+                    "%s: transient error, retrying in %.1fs: %s", what, delay, _describe(err)
+                )
+                time.sleep(delay)
+                continue
+            raise _hub_error(err, what) from None
+    raise AssertionError("unreachable")
+
+
+def _hub_error(err: BaseException, what: str, fix: str | None = None) -> TPODataError:
+    if isinstance(err, TPODataError):
+        return err
+    status = _first_status(err)
+    if fix is None:
+        if status in (401, 403):
+            fix = "check that HF_TOKEN (or `hf auth login`) has write access to this repo"
+        elif _is_transient(err):
+            fix = "the Hub or the network is failing; wait and run the same command again"
+        else:
+            fix = "fix the cause above and re-run; nothing was tagged, so re-running is safe"
+    # ``from None`` at the raise sites keeps the unscrubbed original out of tracebacks.
+    return TPODataError(f"could not {what}: {_describe(err)}", fix)
+
+
+def _tag_target(api: Any, repo_id: str, tag: str) -> str | None:
+    refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+    return next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
+
+
+def _main_head(api: Any, repo_id: str) -> str | None:
+    refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+    return next((ref.target_commit for ref in refs.branches if ref.name == "main"), None)
+
+
+def _refuse_existing_tag(
+    api: Any, repo_id: str, tag: str, *, max_retries: int, backoff: float
+) -> None:
+    target = _retrying(
+        lambda: _tag_target(api, repo_id, tag),
+        f"read the tags of {repo_id}",
+        max_retries=max_retries,
+        backoff=backoff,
+    )
+    if target is not None:
+        raise TPODataError(
+            f"tag {tag} already exists in {repo_id} (commit {target[:12]}); "
+            "published versions are immutable",
+            f"publish under a new name (`tpo-data publish ... --tag {tag}-rerun`, "
+            "or write the data under a new "
+            "--version_name), or delete the tag on the Hub first if it was published by mistake",
+        )
+
+
+def _commit_version(
+    api: Any,
+    repo_id: str,
+    folder: Path,
+    files: list[str],
+    message: str,
+    description: str,
+    *,
+    max_retries: int,
+    backoff: float,
+) -> str:
+    """Commit the version's files so that ``main`` equals the version; return the commit sha."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    for attempt in range(max_retries + 1):
+        try:
+            head = _main_head(api, repo_id)
+            remote = (
+                set(api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=head))
+                if head
+                else set()
+            )
+            # Fresh operations each attempt: huggingface_hub marks them as used once committed.
+            operations: list[Any] = [
+                CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+                for rel in files
+            ]
+            operations += [
+                CommitOperationDelete(path_in_repo=rel)
+                for rel in sorted(remote - set(files) - _KEEP_REMOTE)
+            ]
+            info = api.create_commit(
+                repo_id,
+                operations,
+                repo_type=REPO_TYPE,
+                commit_message=message,
+                commit_description=description,
+                revision="main",
+                # Pinning the parent turns a concurrent push into a 412 instead of a silent merge.
+                parent_commit=head,
+            )
+            return info.oid
+        except Exception as err:  # classified below, re-raised scrubbed
+            stale = _first_status(err) == 412
+            if (stale or _is_transient(err)) and attempt < max_retries:
+                delay = _delay(0 if stale else attempt, backoff)
+                reason = (
+                    "main moved (HTTP 412), retrying on the fresh head"
+                    if stale
+                    else "transient error, retrying"
+                )
+                logger.warning(
+                    "commit to %s: %s in %.1fs: %s", repo_id, reason, delay, _describe(err)
+                )
+                time.sleep(delay)
+                continue
+            raise _hub_error(
+                err,
+                f"commit to {repo_id} (after {attempt + 1} attempts)",
+                "nothing was tagged and the local version is intact; "
+                + (
+                    "someone else keeps pushing to main: retry when they are done"
+                    if stale
+                    else "run the same `tpo-data publish` command again once the cause is fixed"
+                ),
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _create_tag(
+    api: Any, repo_id: str, tag: str, commit: str, message: str, *, max_retries: int, backoff: float
+) -> None:
+    for attempt in range(max_retries + 1):
+        try:
+            api.create_tag(
+                repo_id, tag=tag, revision=commit, repo_type=REPO_TYPE, tag_message=message
+            )
+            return
+        except Exception as err:  # classified below, re-raised scrubbed
+            if _first_status(err) == 409:
+                target = _retrying(
+                    lambda: _tag_target(api, repo_id, tag),
+                    f"read the tags of {repo_id}",
+                    max_retries=max_retries,
+                    backoff=backoff,
+                )
+                if target == commit:
+                    return  # an earlier attempt created it but its answer was lost
+                raise TPODataError(
+                    f"tag {tag} was created in {repo_id} by someone else "
+                    f"(commit {str(target)[:12]}) while publishing; "
+                    f"commit {commit[:12]} is on main but untagged",
+                    f"publish again under a new name (`--tag {tag}-rerun`); the upload is reused",
+                ) from None
+            if _is_transient(err) and attempt < max_retries:
+                delay = _delay(attempt, backoff)
+                logger.warning(
+                    "tag %s: transient error, retrying in %.1fs: %s", tag, delay, _describe(err)
+                )
+                time.sleep(delay)
+                continue
+            raise _hub_error(
+                err,
+                f"create tag {tag} on commit {commit[:12]} of {repo_id}",
+                "the data is committed on main but not tagged; "
+                "run the same `tpo-data publish` command again "
+                "(it reuses the commit and only creates the tag)",
+            ) from None
+
+
+def publish_version(
+    store: LocalStore,
+    version: str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    tag: str | None = None,
+    max_retries: int = 5,
+    backoff: float = 1.0,
+) -> str:
+    """Publish ``version`` of ``store`` to dataset repo ``repo_id``, tag it, return the commit sha.
+
+    ``tag`` defaults to the version name. ``backoff`` is the first retry delay in
+    seconds (doubled on each retry, capped at 60 s).
+    """
+    tag_name = tag or version
+    check_version_name(tag_name)
+    folder = store.path(version)
+    store.verify(version)  # publish exactly what the manifest describes
+    manifest = store.manifest(version)
+    files = sorted([*manifest["files"], MANIFEST])
+    api = _api(_resolve_token(token, required=True))
+    retry = {"max_retries": max_retries, "backoff": backoff}
+
+    _retrying(
+        lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True),
+        f"create the dataset repo {repo_id}",
+        **retry,
+    )
+    _refuse_existing_tag(api, repo_id, tag_name, **retry)
+    message = f"Publish {version} (iteration {manifest.get('iteration')})"
+    description = secrets.scrub(
+        json.dumps(
+            {
+                "version": version,
+                "iteration": manifest.get("iteration"),
+                "parent_model": manifest.get("parent_model"),
+                "parent_version": manifest.get("parent_version"),
+                "manifest_sha256": sha256_file(folder / MANIFEST),
+            },
+            indent=1,
+        )
+    )
+    commit = _commit_version(api, repo_id, folder, files, message, description, **retry)
+    _create_tag(api, repo_id, tag_name, commit, message, **retry)
+    logger.info("published %s to %s at commit %s, tag %s", version, repo_id, commit, tag_name)
+    return commit
+
+
+class NoManifestError(TPODataError):
+    """The requested repo, revision or manifest does not exist."""
+
+
+def hub_manifest(
+    repo_id: str, revision: str, *, token: str | None = None, max_retries: int = 5
+) -> dict[str, Any]:
+    """The manifest of a published revision (tag, branch or commit) with ``manifest_sha256``."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = _api(_resolve_token(token, required=False))
+    try:
+        path = _retrying(
+            lambda: api.hf_hub_download(repo_id, MANIFEST, repo_type=REPO_TYPE, revision=revision),
+            f"download {MANIFEST} of {repo_id}@{revision}",
+            max_retries=max_retries,
+            backoff=1.0,
+            passthrough=(RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError),
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+        raise NoManifestError(
+            f"{repo_id}@{revision} has no tpo-data manifest ({type(err).__name__})",
+            f"check the repo id and the version name (`tpo-data versions --repo {repo_id}`)",
+        ) from None
+    manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    manifest["manifest_sha256"] = sha256_file(Path(path))
+    return manifest
+
+
+def hub_versions(
+    repo_id: str, *, token: str | None = None, max_retries: int = 5
+) -> list[dict[str, Any]]:
+    """Manifests of the tags of ``repo_id`` holding a tpo-data version, by iteration then tag.
+
+    Each manifest gains ``tag``, ``commit`` and ``manifest_sha256``.
+    """
+    api = _api(_resolve_token(token, required=False))
+    refs = _retrying(
+        lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE),
+        f"read the tags of {repo_id}",
+        max_retries=max_retries,
+        backoff=1.0,
+    )
+    found = []
+    for ref in refs.tags:
+        try:
+            manifest = hub_manifest(
+                repo_id, ref.target_commit, token=token, max_retries=max_retries
+            )
+        except NoManifestError:
+            logger.info("tag %s of %s holds no tpo-data manifest; skipped", ref.name, repo_id)
+            continue
+        manifest.update(tag=ref.name, commit=ref.target_commit)
+        found.append(manifest)
+    return sorted(
+        found, key=lambda m: (m.get("iteration") is None, m.get("iteration") or 0, m["tag"])
+    )

@@ -1,0 +1,191 @@
+"""Choose one (chosen, rejected) pair per instruction from its K scored samples.
+
+Rules (METHOD.md 1.5-1.6, and our choices where the paper is silent):
+
+- Valid samples are the parsed ones (thought/response separator found).
+  Length-control z-scores are computed over the valid samples only.
+- chosen = argmax s over valid samples; a parse failure is never chosen.
+- A parse failure counts as worse than every valid sample ("parse failures
+  are allowed as rejected samples"): when there is one, the rejected sample
+  is a parse failure, which teaches the model to keep the format. Pass
+  ``reject_parse_failures=False`` to ignore parse failures instead.
+- Otherwise rejected = argmin s over valid samples.
+- Ties break to the lowest sample index (for chosen, rejected, and the
+  parse failure that is rejected), so results are reproducible.
+- An instruction is dropped, with a reason, when no pair exists:
+  ``single_sample`` (K = 1), ``non_finite_score`` (a valid sample has a
+  NaN/inf score: the judge misbehaved on this instruction),
+  ``no_valid_candidate`` (nothing parsed), ``all_equal`` (every valid s
+  is equal and there is no parse failure to reject), ``single_valid``
+  (one valid sample and parse failures are not rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tpo_data.errors import TPODataError
+from tpo_data.scoring import Group, check_finite, length_controlled, validate_rho
+
+DROP_SINGLE_SAMPLE = "single_sample"
+DROP_NON_FINITE = "non_finite_score"
+DROP_NO_VALID = "no_valid_candidate"
+DROP_ALL_EQUAL = "all_equal"
+DROP_SINGLE_VALID = "single_valid"
+DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VALID, DROP_ALL_EQUAL, DROP_SINGLE_VALID)
+
+# Length-controlled scores closer than this are equal (z-scores are O(1)).
+_EQUAL_ATOL = 1e-12
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    """The pair for one instruction; indices are sample indices within the instruction.
+
+    ``norm_scores`` holds the length-controlled score s of every sample (None
+    for samples that were not valid). ``rejected_score`` and ``score_gap`` are
+    None when the rejected sample is a parse failure (it has no judge score).
+    """
+
+    chosen: int
+    rejected: int
+    rejected_parsed: bool
+    chosen_score: float
+    rejected_score: float | None
+    chosen_length: int
+    rejected_length: int
+    score_gap: float | None
+    norm_scores: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """No pair for this instruction; ``reason`` is one of DROP_REASONS."""
+
+    reason: str
+
+
+def select_pair(
+    scores: Sequence[float] | np.ndarray,
+    lengths: Sequence[float] | np.ndarray,
+    parsed: Sequence[bool] | np.ndarray,
+    rho: float,
+    *,
+    reject_parse_failures: bool = True,
+) -> PairChoice | Drop:
+    """Pick chosen and rejected among one instruction's samples (rules in the module docstring).
+
+    ``scores`` are raw judge scores (RM scalars or Bradley-Terry strengths;
+    entries of unparsed samples are ignored and may be NaN or None),
+    ``lengths`` response lengths in characters, ``parsed`` the valid mask.
+    """
+    rho = validate_rho(rho)
+    sc = np.asarray(scores, dtype=float)
+    ln = np.asarray(lengths, dtype=float)
+    ok = np.asarray(parsed, dtype=bool)
+    if sc.ndim != 1 or sc.shape != ln.shape or sc.shape != ok.shape:
+        raise TPODataError(
+            f"Scores {sc.shape}, lengths {ln.shape} and parsed {ok.shape} differ in shape.",
+            "Pass one score, one length and one parsed flag per sample of the instruction.",
+        )
+    if sc.size == 0:
+        raise TPODataError("An instruction has no samples.", "Generate at least two samples per instruction.")
+    if sc.size == 1:
+        return Drop(DROP_SINGLE_SAMPLE)
+    if not check_finite(sc[ok]).all():
+        return Drop(DROP_NON_FINITE)
+    valid = np.flatnonzero(ok)
+    failures = np.flatnonzero(~ok) if reject_parse_failures else np.array([], dtype=int)
+    if valid.size == 0:
+        return Drop(DROP_NO_VALID)
+    if valid.size == 1 and failures.size == 0:
+        return Drop(DROP_SINGLE_VALID)
+
+    s = length_controlled(sc[valid], ln[valid], rho)
+    # np.argmax/argmin return the first extreme: ties go to the lowest index.
+    best = int(np.argmax(s))
+    chosen = int(valid[best])
+    gap: float | None = None
+    if failures.size:
+        rejected = int(failures[0])
+    elif np.ptp(s) <= _EQUAL_ATOL:
+        return Drop(DROP_ALL_EQUAL)
+    else:
+        worst = int(np.argmin(s))
+        rejected = int(valid[worst])
+        gap = float(s[best] - s[worst])
+
+    norm: list[float | None] = [None] * sc.size
+    for i, v in zip(valid, s):
+        norm[int(i)] = float(v)
+    rejected_parsed = bool(ok[rejected])
+    return PairChoice(
+        chosen=chosen,
+        rejected=rejected,
+        rejected_parsed=rejected_parsed,
+        chosen_score=float(sc[chosen]),
+        rejected_score=float(sc[rejected]) if rejected_parsed else None,
+        chosen_length=int(ln[chosen]),
+        rejected_length=int(ln[rejected]),
+        score_gap=gap,
+        norm_scores=tuple(norm),
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Pairs over many instructions: (instruction index, PairChoice) pairs, (index, reason) drops, and counts."""
+
+    pairs: list[tuple[int, PairChoice]]
+    dropped: list[tuple[int, str]]
+    drops: Counter[str]
+    rho: float
+    n_instructions: int
+    n_samples: int
+    n_parsed: int
+
+
+def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: bool = True) -> Selection:
+    """Run :func:`select_pair` on every ``(scores, lengths, parsed)`` group."""
+    rho = validate_rho(rho)
+    pairs: list[tuple[int, PairChoice]] = []
+    dropped: list[tuple[int, str]] = []
+    n_samples = n_parsed = 0
+    for i, (scores, lengths, parsed) in enumerate(groups):
+        mask = np.asarray(parsed, dtype=bool)
+        n_samples += mask.size
+        n_parsed += int(mask.sum())
+        choice = select_pair(scores, lengths, mask, rho, reject_parse_failures=reject_parse_failures)
+        if isinstance(choice, Drop):
+            dropped.append((i, choice.reason))
+        else:
+            pairs.append((i, choice))
+    drops = Counter(reason for _, reason in dropped)
+    return Selection(pairs, dropped, drops, rho, len(groups), n_samples, n_parsed)
+
+
+def summarize(selection: Selection) -> dict[str, Any]:
+    """Plain-dict statistics for logs and dataset cards.
+
+    Lengths are means over kept pairs (NaN when none); ``drops`` lists every
+    reason, zero included, so reports have a fixed shape.
+    """
+    chosen = [p.chosen_length for _, p in selection.pairs]
+    rejected = [p.rejected_length for _, p in selection.pairs]
+    return {
+        "instructions": selection.n_instructions,
+        "samples": selection.n_samples,
+        "parse_rate": selection.n_parsed / selection.n_samples if selection.n_samples else math.nan,
+        "pairs_kept": len(selection.pairs),
+        "drops": {reason: selection.drops.get(reason, 0) for reason in DROP_REASONS},
+        "rejected_parse_failures": sum(not p.rejected_parsed for _, p in selection.pairs),
+        "mean_chosen_length": float(np.mean(chosen)) if chosen else math.nan,
+        "mean_rejected_length": float(np.mean(rejected)) if rejected else math.nan,
+        "rho": selection.rho,
+    }

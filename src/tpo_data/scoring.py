@@ -1,0 +1,221 @@
+"""Scores for the K samples of one instruction: pair-wise wins, Bradley-Terry, length control.
+
+Pure numpy, no I/O. The pair-wise judge (Self-Taught Evaluator) gives one
+verdict per ordered pair; :func:`win_matrix` turns verdicts into win counts
+B_mn = [r^mn = +1] + [r^nm = -1] (METHOD.md 1.4) and :func:`bradley_terry`
+fits strengths by maximum likelihood. :func:`length_controlled` applies the
+paper's length control s = z(score) - rho * z(length) (METHOD.md 1.5), and
+:func:`auto_rho` picks the smallest rho for which chosen responses are on
+average not longer than rejected ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tpo_data.errors import TPODataError
+
+RHO_MAX = 0.5
+DEFAULT_RHO_GRID = np.round(np.arange(0.0, RHO_MAX + 1e-9, 0.025), 3)
+# Relative spread below which a quantity counts as constant: z-scores of
+# float noise (e.g. the mean of equal values off by one ulp) would be +-1.
+_ZERO_STD_RTOL = 1e-12
+
+# One group per instruction: (judge scores, response lengths, valid mask).
+Group = tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray, Sequence[bool] | np.ndarray]
+
+
+def win_matrix(k: int, judgments: Iterable[tuple[int, int, int]]) -> np.ndarray:
+    """Win counts ``B[m, n]`` = how often candidate m beat candidate n.
+
+    Each judgment ``(m, n, r)`` shows candidate m as A and n as B; r = +1 means
+    A won, -1 means B won, 0 a tie or an unparsable verdict (adds nothing).
+    Judging both orders (m, n) and (n, m) therefore adds up to 2 to
+    ``B[m, n] + B[n, m]``; repeated judgments accumulate.
+    """
+    if k < 0:
+        raise TPODataError(f"win_matrix got k={k} candidates.", "Pass the number of samples per instruction (k >= 0).")
+    wins = np.zeros((k, k), dtype=float)
+    for m, n, r in judgments:
+        if not (0 <= m < k and 0 <= n < k) or m == n:
+            raise TPODataError(
+                f"Judgment ({m}, {n}, {r}) names a candidate outside 0..{k - 1} or compares one with itself.",
+                "Pass (index shown as A, index shown as B, result) with two different indices below k.",
+            )
+        if r == 1:
+            wins[m, n] += 1
+        elif r == -1:
+            wins[n, m] += 1
+        elif r != 0:
+            raise TPODataError(
+                f"Judgment ({m}, {n}, {r}) has result {r!r}.",
+                "Use +1 when A wins, -1 when B wins and 0 for a tie or an unparsable verdict.",
+            )
+    return wins
+
+
+def bradley_terry(wins: np.ndarray, l2: float = 1e-3, max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
+    """Maximum-likelihood Bradley-Terry log-strengths with mean zero.
+
+    Maximizes ``sum_mn B[m, n] * log sigmoid(s_m - s_n) - l2 / 2 * |s|^2``.
+    The tiny Gaussian prior keeps the optimum finite and unique when a
+    candidate wins or loses everything or the comparison graph is
+    disconnected (each component is then centred by the prior), and puts the
+    mean at exactly zero. The objective is strictly concave, so damped Newton
+    steps converge from zero in a handful of iterations; the result depends
+    only on the matrix, and permuting candidates permutes the strengths.
+    """
+    w = np.asarray(wins, dtype=float)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise TPODataError(f"Win matrix has shape {w.shape}.", "Pass a square k x k matrix of win counts.")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(np.diag(w) != 0):
+        raise TPODataError(
+            "Win matrix has negative, non-finite or self-comparison (diagonal) counts.",
+            "Build it with win_matrix(): counts are >= 0 and the diagonal is zero.",
+        )
+    if not (l2 > 0 and math.isfinite(l2)):
+        raise TPODataError(f"bradley_terry got l2={l2}.", "Use a small positive prior such as the default 1e-3.")
+    k = w.shape[0]
+    if k == 0:
+        return np.zeros(0)
+    games = w + w.T
+
+    def objective(s: np.ndarray) -> float:
+        diff = s[:, None] - s[None, :]
+        # log sigmoid(x) = -logaddexp(0, -x), stable for large |x|.
+        return float(-np.sum(w * np.logaddexp(0.0, -diff)) - 0.5 * l2 * s @ s)
+
+    s = np.zeros(k)
+    value = objective(s)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(s[:, None] - s[None, :])))
+        grad = np.sum(w - games * p, axis=1) - l2 * s
+        curv = games * p * p.T  # p.T = 1 - p
+        hess = curv - np.diag(curv.sum(axis=1) + l2)
+        step = np.linalg.solve(hess, -grad)
+        # Backtracking: a pure Newton step can overshoot on logistic losses.
+        t = 1.0
+        while True:
+            trial = s + t * step
+            trial_value = objective(trial)
+            if trial_value >= value or t < 1e-8:
+                break
+            t *= 0.5
+        s, value = trial, trial_value
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return s - s.mean()
+
+
+def elo(strengths: np.ndarray) -> np.ndarray:
+    """Bradley-Terry log-strengths on the familiar ELO scale (400 points = 10x odds, mean 1000)."""
+    return 400.0 / math.log(10.0) * np.asarray(strengths, dtype=float) + 1000.0
+
+
+def check_finite(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Boolean mask of finite scores (None, NaN and +-inf are False).
+
+    A judge that returns NaN or inf is broken for that instruction; callers
+    drop the instruction and count it (pairs.DROP_NON_FINITE) instead of
+    letting one bad number shift everyone's z-scores.
+    """
+    return np.isfinite(np.asarray(scores, dtype=float))
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    """(x - mean) / std with the population std; a constant vector maps to zeros.
+
+    Zero spread means the quantity cannot tell the samples apart, so it must
+    not move the score: z = 0 rather than a division by zero.
+    """
+    mean = x.mean()
+    std = x.std()
+    if std <= _ZERO_STD_RTOL * max(1.0, abs(mean)):
+        return np.zeros_like(x)
+    return (x - mean) / std
+
+
+def validate_rho(rho: float) -> float:
+    """Return rho as a float, or raise TPODataError unless 0 <= rho <= 0.5 (the paper's range)."""
+    if not (isinstance(rho, (int, float, np.floating)) and 0.0 <= float(rho) <= RHO_MAX):
+        raise TPODataError(
+            f"Length-control coefficient rho={rho!r} is outside [0, {RHO_MAX}].",
+            f"Set rho between 0 (no length control) and {RHO_MAX}, or use auto_rho().",
+        )
+    return float(rho)
+
+
+def length_controlled(
+    scores: Sequence[float] | np.ndarray, lengths: Sequence[float] | np.ndarray, rho: float
+) -> np.ndarray:
+    """Length-controlled scores ``s = z(score) - rho * z(length)`` over the samples of ONE instruction.
+
+    z is (x - mean) / std with the population std, computed over exactly the
+    samples passed (pass only the valid ones: parsed, with finite scores).
+    A quantity with zero spread contributes z = 0.
+    """
+    rho = validate_rho(rho)
+    sc = np.asarray(scores, dtype=float)
+    ln = np.asarray(lengths, dtype=float)
+    if sc.ndim != 1 or sc.shape != ln.shape:
+        raise TPODataError(
+            f"Scores {sc.shape} and lengths {ln.shape} differ in shape.",
+            "Pass one score and one length per sample of the same instruction.",
+        )
+    if sc.size == 0:
+        return sc
+    if not check_finite(sc).all():
+        raise TPODataError(
+            "A score passed to length control is NaN or infinite.",
+            "Mask scores with check_finite() first and drop the instruction (pairs.select_pair does this).",
+        )
+    if not np.all(np.isfinite(ln)) or np.any(ln < 0):
+        raise TPODataError("A response length is negative or not finite.", "Pass lengths as character counts (>= 0).")
+    return _zscore(sc) - rho * _zscore(ln)
+
+
+@dataclass(frozen=True)
+class AutoRho:
+    """Outcome of :func:`auto_rho`.
+
+    ``satisfied`` is False when no grid value makes chosen responses on
+    average no longer than rejected ones; ``rho`` is then the grid maximum.
+    Means are over all pairs kept at ``rho`` (NaN when none is kept).
+    """
+
+    rho: float
+    satisfied: bool
+    mean_chosen_length: float
+    mean_rejected_length: float
+    n_pairs: int
+
+
+def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAULT_RHO_GRID) -> AutoRho:
+    """Smallest rho in ``grid`` whose pairs have mean chosen length <= mean rejected length.
+
+    ``groups`` holds one ``(scores, lengths, valid_mask)`` per instruction
+    (valid = parsed). Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
+    does, so pairs whose rejected sample is a parse failure count too, with
+    the length the caller passed for it. A rho that keeps no pair cannot be
+    checked and does not satisfy the condition.
+    """
+    # pairs builds on this module, so import it here to avoid an import cycle.
+    from tpo_data.pairs import select_pairs
+
+    values = sorted({validate_rho(float(r)) for r in grid})
+    if not values:
+        raise TPODataError("auto_rho got an empty rho grid.", "Pass at least one rho in [0, 0.5].")
+    for rho in values:
+        selection = select_pairs(groups, rho)
+        chosen = [p.chosen_length for _, p in selection.pairs]
+        rejected = [p.rejected_length for _, p in selection.pairs]
+        mean_c = float(np.mean(chosen)) if chosen else math.nan
+        mean_r = float(np.mean(rejected)) if rejected else math.nan
+        result = AutoRho(rho, bool(chosen) and mean_c <= mean_r, mean_c, mean_r, len(chosen))
+        if result.satisfied:
+            return result
+    return result  # the grid maximum, unsatisfied

@@ -1,0 +1,158 @@
+"""The generation stage end to end: a real distilabel pipeline on a tiny random model."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script
+from tpo_data.errors import TPODataError
+from tpo_data.iteration import main as generate_main
+from tpo_data.parsing import split_output
+from tpo_data.prompts import PRESETS
+
+RECIPE = "recipes/tpo-tiny-test.yaml"
+
+
+def read_rows(out: Path, iteration: int = 1) -> list[dict]:
+    path = out / f"iter-{iteration}" / "generations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+                      "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 8
+    assert all(len(r["generation"]) == 4 for r in rows)
+    # Every stored split is exactly what the splitter makes of the raw sample.
+    for row in rows:
+        for text, thought, response, parsed in zip(
+            row["generation"], row["thoughts"], row["responses"], row["parsed"]
+        ):
+            split = split_output(text, PRESETS["generic"].separator, PRESETS["generic"].thought_marker)
+            assert (thought, response, parsed) == (split.thought, split.response, split.parsed)
+    parsed = sum(sum(r["parsed"]) for r in rows)
+    assert f"Samples: 32 for 8 instructions in {out / 'iter-1' / 'generations.jsonl'}" in proc.stdout
+    assert f"Parsed: {parsed}/32" in proc.stdout
+    # The slice is recorded, disjoint from the holdout, and a rerun changes nothing.
+    slices = json.loads((out / "slices.json").read_text())
+    assert json.dumps(slices).count("\"") > 0 and len(rows) == 8
+    before = (out / "iter-1" / "generations.jsonl").read_bytes()
+    again = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+                       "--output_dir", str(out))
+    assert again.returncode == 0
+    assert (out / "iter-1" / "generations.jsonl").read_bytes() == before
+    assert "Processing batch" not in again.stderr + again.stdout
+
+
+def test_next_iteration_takes_fresh_instructions(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    for iteration in (1, 2):
+        generate_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(out),
+                       "--iteration", str(iteration), "--num_samples", "2",
+                       "--instructions_per_iteration", "4"])
+    first = {r["id"] for r in read_rows(out, 1)}
+    second = {r["id"] for r in read_rows(out, 2)}
+    assert len(first) == len(second) == 4 and not first & second
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_lm, tmp_path):
+    args = ["pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+            "--input_batch_size", "1", "--max_new_tokens", "48", "--num_samples", "4"]
+    killed = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, *args, "--output_dir", str(killed)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    # Kill once at least three batches are finished, before the end.
+    checkpoints = killed / "iter-1" / "checkpoints"
+    while time.monotonic() < deadline:
+        if len(list(checkpoints.glob("*.jsonl"))) >= 3:
+            break
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert not (killed / "iter-1" / "generations.jsonl").exists()
+    checkpointed = sorted((killed / "iter-1" / "checkpoints").glob("*.jsonl"))
+    assert 3 <= len(checkpointed) < 8
+
+    resumed = run_script(*args, "--output_dir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Finished batches are not generated again: only the rest is processed.
+    processed = len(re.findall(r"Processing batch \d+ in 'generate'", resumed.stdout + resumed.stderr))
+    assert processed == 8 - len(checkpointed)
+    assert not list((killed / "iter-1" / "checkpoints").glob("*.jsonl"))
+
+    clean = tmp_path / "clean"
+    full = run_script(*args, "--output_dir", str(clean))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert read_rows(killed) == read_rows(clean)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows, extra, message",
+    [
+        ([{"prompt": "hi"}] * 3, [], "column"),
+        ([{"instruction": "ok"}, {"instruction": "  "}], [], "empty"),
+        ([{"instruction": "ok"}, {"instruction": 7}], [], "string"),
+        ([{"instruction": "same"}, {"instruction": "same"}], [], "--on_duplicates drop"),
+    ],
+)
+def test_bad_instruction_files(tiny_lm, tmp_path, rows, extra, message):
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(TPODataError) as err:
+        generate_main(["--config", RECIPE, "--model", str(tiny_lm), "--instructions", str(source),
+                       "--instructions_per_iteration", "1", "--holdout_size", "0",
+                       "--output_dir", str(tmp_path / "o"), *extra])
+    assert message in str(err.value)
+
+
+def test_instruction_longer_than_context(tiny_lm, tmp_path):
+    source = _write_jsonl(tmp_path / "in.jsonl",
+                          [{"instruction": "word " * 3000}, {"instruction": "short one"}])
+    with pytest.raises(TPODataError) as err:
+        generate_main(["--config", RECIPE, "--model", str(tiny_lm), "--instructions", str(source),
+                       "--instructions_per_iteration", "2", "--holdout_size", "0",
+                       "--output_dir", str(tmp_path / "o")])
+    assert "do not fit the model's context of 2048 tokens" in str(err.value)
+    assert "row-0" in str(err.value) and "row-1" not in str(err.value)
+    # Nothing was generated for a run that was refused.
+    assert not (tmp_path / "o" / "iter-1" / "generations.jsonl").exists()
+
+
+def test_cli_errors_exit_2_with_problem_and_fix(tmp_path):
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tmp_path / "nope"),
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "Model" in proc.stderr and "was not found" in proc.stderr
+    assert "How to fix" in proc.stderr and "Traceback" not in proc.stderr
+
+    bad = tmp_path / "t.yaml"
+    bad.write_text("user: 'no placeholder here'\nseparator: 'ANSWER:'\n")
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--thought_prompt", str(bad),
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "placeholder {instruction}" in proc.stderr
+
+
+def test_engine_down_is_a_clear_error(tiny_lm, tmp_path):
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+                      "--engine", "openai", "--base_url", "http://127.0.0.1:9/v1",
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "No OpenAI-compatible engine answers at http://127.0.0.1:9/v1" in proc.stderr

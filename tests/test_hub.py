@@ -1,0 +1,588 @@
+"""Hub publishing against tests/hub_standin.py (offline) and, opt-in, against the real Hub.
+
+The publishing code and the ``datasets``/``huggingface_hub`` clients run unchanged
+in subprocesses, because HF_ENDPOINT, HF_TOKEN and HF_HUB_DISABLE_XET are read
+at import time. Every subprocess output is checked for the token as it arrives,
+and the last test greps every file written by the module.
+
+Live tests run only when HF_TOKEN and TPO_LIVE_HUB_REPO (a scratch dataset repo
+you own) are set and huggingface.co is reachable; they publish under unique tags
+and delete those tags afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as pysecrets
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_standin import HubStandin
+from test_store import make_iteration, tree_hashes, write_test_iteration
+
+from tpo_data.store import MANIFEST, LocalStore
+
+TOKEN = "hf_" + "".join(pysecrets.choice(string.ascii_letters + string.digits) for _ in range(34))
+USED_TOKENS: set[str] = {TOKEN}  # plus the real one when live tests run
+CAPTURED: list[str] = []  # every stdout/stderr of every client subprocess
+WRITTEN: list[Path] = []  # every folder this module writes into
+
+PUBLISH = """
+import json, logging, sys
+from tpo_data.errors import TPODataError
+from tpo_data.hub import publish_version
+from tpo_data.secrets import ScrubFilter
+from tpo_data.store import LocalStore
+
+handler = logging.StreamHandler()
+handler.addFilter(ScrubFilter())
+logging.basicConfig(level=logging.INFO, handlers=[handler])
+a = json.loads(sys.argv[1])
+try:
+    sha = publish_version(LocalStore(a["store"]), a["version"], a["repo"], tag=a.get("tag"),
+                          max_retries=a.get("max_retries", 5), backoff=0.01)
+    print(json.dumps({"ok": True, "commit": sha}))
+except TPODataError as err:
+    print(json.dumps({"ok": False, "error": str(err)}))
+"""
+
+LOAD = """
+import hashlib, json, sys
+import datasets
+from huggingface_hub import HfApi
+
+a = json.loads(sys.argv[1])
+api = HfApi()
+out = {}
+for tag in a["tags"]:
+    rows = {
+        c: datasets.load_dataset(a["repo"], c, revision=tag, split="train").to_list()
+        for c in ("pairs", "candidates")
+    }
+    path = api.hf_hub_download(a["repo"], "manifest.json", repo_type="dataset", revision=tag)
+    manifest = json.load(open(path))
+    hashes = {}
+    for rel in [*manifest["files"], "manifest.json"]:
+        path = api.hf_hub_download(a["repo"], rel, repo_type="dataset", revision=tag)
+        hashes[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    files = sorted(api.list_repo_files(a["repo"], repo_type="dataset", revision=tag))
+    commit = api.dataset_info(a["repo"], revision=tag).sha
+    out[tag] = {"rows": rows, "hashes": hashes, "files": files, "commit": commit}
+json.dump(out, open(a["out"], "w"), default=str)
+"""
+
+DELETE_TAGS = """
+import json, sys
+from huggingface_hub import HfApi
+a = json.loads(sys.argv[1])
+for tag in a["tags"]:
+    try:
+        HfApi().delete_tag(a["repo"], tag=tag, repo_type="dataset")
+    except Exception as err:
+        print("could not delete", tag, type(err).__name__)
+"""
+
+
+@dataclass
+class Backend:
+    """Where the clients publish: the stand-in or the real Hub."""
+
+    name: str
+    env: dict[str, str]
+    hub: HubStandin | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    live_repo: str | None = None
+
+    def repo(self, name: str) -> str:
+        return self.live_repo or f"stand-in-user/{name}"
+
+    def tag(self, version: str) -> str:
+        # The live scratch repo outlives test runs, so tags there must be unique.
+        return f"{version}-{self.run_id}" if self.live_repo else version
+
+
+def client_env(tmp: Path, endpoint: str | None, token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(
+        HF_TOKEN=token,
+        HF_HOME=str(tmp / "hf_home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
+    if endpoint:
+        # The stand-in speaks the LFS batch protocol, not Xet; the real Hub gets the default.
+        env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1")
+    return env
+
+
+def run_client(
+    backend: Backend, args: list[str], payload: dict[str, Any] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python <args> [payload]`` with the backend's env; no token may be in its output."""
+    command = [sys.executable, *args, *([json.dumps(payload)] if payload is not None else [])]
+    result = subprocess.run(command, env=backend.env, capture_output=True, text=True, timeout=180)
+    CAPTURED.extend([result.stdout, result.stderr])
+    token = backend.env["HF_TOKEN"]
+    assert token not in result.stdout and token not in result.stderr, (
+        "token leaked into client output"
+    )
+    assert result.returncode in (0, 2), f"client crashed:\n{result.stderr[-4000:]}"
+    return result
+
+
+def publish(
+    backend: Backend, store: LocalStore, version: str, repo: str, **options: Any
+) -> dict[str, Any]:
+    result = run_client(
+        backend,
+        ["-c", PUBLISH],
+        {"store": str(store.root), "version": version, "repo": repo, **options},
+    )
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    outcome["log"] = result.stderr
+    return outcome
+
+
+def live_hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+LIVE_REASON = "live Hub tests need HF_TOKEN, TPO_LIVE_HUB_REPO (a scratch dataset repo) and network"
+LIVE_ENABLED = bool(os.environ.get("HF_TOKEN") and os.environ.get("TPO_LIVE_HUB_REPO"))
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("hub")
+    WRITTEN.append(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def hub(module_tmp: Path) -> Iterator[HubStandin]:
+    with HubStandin(module_tmp / "standin-storage") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store(module_tmp: Path) -> LocalStore:
+    local = LocalStore(module_tmp / "store" / "tpo")
+    write_test_iteration(local, 1)
+    write_test_iteration(local, 2)
+    return local
+
+
+@pytest.fixture(scope="module")
+def standin(hub: HubStandin, module_tmp: Path) -> Backend:
+    return Backend("standin", client_env(module_tmp, hub.url, TOKEN), hub=hub)
+
+
+@pytest.fixture(
+    params=[
+        "standin",
+        pytest.param("live", marks=pytest.mark.skipif(not LIVE_ENABLED, reason=LIVE_REASON)),
+    ]
+)
+def backend(request: pytest.FixtureRequest, module_tmp: Path) -> Backend:
+    if request.param == "standin":
+        return request.getfixturevalue("standin")
+    if not live_hub_reachable():
+        pytest.skip(LIVE_REASON)
+    USED_TOKENS.add(os.environ["HF_TOKEN"])
+    return Backend(
+        "live",
+        client_env(module_tmp / "live", None, os.environ["HF_TOKEN"]),
+        live_repo=os.environ["TPO_LIVE_HUB_REPO"],
+    )
+
+
+@pytest.fixture
+def fresh_faults(hub: HubStandin) -> Iterator[HubStandin]:
+    hub.clear_faults()
+    yield hub
+    assert hub.pending_faults() == {}, "some injected faults were never reached"
+    assert hub.state()["unhandled"] == []
+
+
+def canonical(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return json.loads(json.dumps(rows, default=str))
+
+
+# -- acceptance -------------------------------------------------------------------------
+
+
+def test_two_iterations_round_trip(backend: Backend, store: LocalStore, module_tmp: Path) -> None:
+    repo = backend.repo("tpo-roundtrip")
+    tags = {version: backend.tag(version) for version in ("iter-1", "iter-2")}
+    commits = {}
+    try:
+        for version, tag in tags.items():
+            result = run_client(
+                backend,
+                [
+                    "-m",
+                    "tpo_data.cli_store",
+                    "publish",
+                    version,
+                    "--store",
+                    str(store.root),
+                    "--repo",
+                    repo,
+                    "--tag",
+                    tag,
+                ],
+            )
+            assert result.returncode == 0, result.stderr
+            commits[version] = result.stdout.split("commit ")[1].split(",")[0]
+        assert commits["iter-1"] != commits["iter-2"]
+
+        out = module_tmp / f"loaded-{backend.name}.json"
+        run_client(
+            backend, ["-c", LOAD], {"repo": repo, "tags": list(tags.values()), "out": str(out)}
+        )
+        loaded = json.loads(out.read_text())
+        cache = str(module_tmp / "datasets-cache")
+        for version, tag in tags.items():
+            got = loaded[tag]
+            assert (
+                got["commit"] == commits[version]
+            )  # the tag is on the returned commit, not on main
+            originals = dict(
+                zip(
+                    ("pairs", "candidates"), make_iteration(int(version.split("-")[1])), strict=True
+                )
+            )
+            for config in ("pairs", "candidates"):
+                assert got["rows"][config] == canonical(originals[config].to_list())
+                assert got["rows"][config] == canonical(
+                    store.load(version, config, cache_dir=cache).to_list()
+                )
+            manifest = store.manifest(version)
+            local_hashes = tree_hashes(store.path(version))
+            assert {rel: got["hashes"][rel] for rel in manifest["files"]} == {
+                rel: info["sha256"] for rel, info in manifest["files"].items()
+            }
+            assert got["hashes"] == local_hashes  # byte-identical, manifest.json included
+            assert sorted(set(got["files"]) - {".gitattributes"}) == sorted(local_hashes)
+
+        listed = run_client(
+            backend, ["-m", "tpo_data.cli_store", "versions", "--repo", repo, "--json"]
+        )
+        versions = {m["tag"]: m for m in json.loads(listed.stdout)}
+        for version, tag in tags.items():
+            assert versions[tag]["commit"] == commits[version]
+            assert versions[tag]["iteration"] == int(version.split("-")[1])
+            assert versions[tag]["manifest_sha256"] == tree_hashes(store.path(version))[MANIFEST]
+        assert versions[tags["iter-2"]]["parent_version"] == "iter-1"
+        table = run_client(backend, ["-m", "tpo_data.cli_store", "versions", "--repo", repo]).stdout
+        assert tags["iter-1"] in table and commits["iter-2"][:8] in table
+        shown = run_client(
+            backend, ["-m", "tpo_data.cli_store", "show", tags["iter-2"], "--repo", repo]
+        ).stdout
+        assert "parse_rate" in shown and "outputs/models/iter-1" in shown
+    finally:
+        if backend.live_repo:
+            run_client(backend, ["-c", DELETE_TAGS], {"repo": repo, "tags": list(tags.values())})
+
+    if backend.hub is not None:
+        state = backend.hub.repo(repo)
+        assert state.tags == {"iter-1": commits["iter-1"], "iter-2": commits["iter-2"]}
+        assert state.branches["main"] == commits["iter-2"]
+        assert (
+            backend.hub.history(repo)[1] == commits["iter-1"]
+        )  # one commit per iteration, nothing else
+        assert backend.hub.state()["unhandled"] == []
+
+
+def test_existing_tag_is_refused(backend: Backend, store: LocalStore) -> None:
+    repo = backend.repo("tpo-existing-tag")
+    tag, rerun = backend.tag("iter-1"), backend.tag("iter-1") + "-rerun"
+    try:
+        first = publish(backend, store, "iter-1", repo, tag=tag)
+        assert first["ok"], first
+        again = publish(backend, store, "iter-1", repo, tag=tag)
+        assert not again["ok"]
+        assert (
+            f"tag {tag} already exists" in again["error"] and f"--tag {tag}-rerun" in again["error"]
+        )
+        assert "How to fix" in again["error"]
+        # An explicit new name publishes; the identical files reuse the existing commit.
+        renamed = publish(backend, store, "iter-1", repo, tag=rerun)
+        assert renamed["ok"] and renamed["commit"] == first["commit"]
+    finally:
+        if backend.live_repo:
+            run_client(backend, ["-c", DELETE_TAGS], {"repo": repo, "tags": [tag, rerun]})
+    if backend.hub is not None:
+        state = backend.hub.repo(repo)
+        assert state.tags == {tag: first["commit"], rerun: first["commit"]}
+        assert len(backend.hub.history(repo)) == 2  # initial commit + iter-1 only
+
+
+# -- faults (stand-in only) -------------------------------------------------------------------
+
+
+def assert_local_intact(store: LocalStore, version: str, before: dict[str, str]) -> None:
+    store.verify(version)
+    assert tree_hashes(store.path(version)) == before
+
+
+def test_transient_commit_errors_are_retried(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    repo = standin.repo("tpo-transient")
+    fresh_faults.add_faults("commit", "503", "drop", "502")
+    outcome = publish(standin, store, "iter-1", repo)
+    assert outcome["ok"], outcome
+    assert outcome["log"].count("transient error, retrying") == 3
+    history = fresh_faults.history(repo)
+    assert len(history) == 2 and history[0] == outcome["commit"]
+    assert fresh_faults.repo(repo).tags == {"iter-1": outcome["commit"]}
+
+
+def test_lost_commit_response_does_not_duplicate(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    """The commit lands but its answer is lost: the retry tags that commit, pushes no second."""
+    repo = standin.repo("tpo-lost-response")
+    fresh_faults.add_faults("commit", "drop-after")
+    outcome = publish(standin, store, "iter-1", repo)
+    assert outcome["ok"], outcome
+    history = fresh_faults.history(repo)
+    assert len(history) == 2 and history[0] == outcome["commit"]
+    assert fresh_faults.repo(repo).tags == {"iter-1": outcome["commit"]}
+
+
+def test_stale_parent_412_is_retried_on_fresh_head(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    repo = standin.repo("tpo-stale-parent")
+    fresh_faults.add_faults("commit", "stale-parent")
+    outcome = publish(standin, store, "iter-2", repo)
+    assert outcome["ok"], outcome
+    assert "HTTP 412" in outcome["log"]
+    ours, foreign, _initial = fresh_faults.history(repo)
+    assert (
+        ours == outcome["commit"]
+        and fresh_faults.repo(repo).commits[foreign].title == "Foreign commit"
+    )
+    # The tag holds exactly the version: the foreign file is gone from it, kept in history.
+    tagged = fresh_faults.repo(repo).commits[fresh_faults.repo(repo).tags["iter-2"]]
+    assert set(tagged.files) - {".gitattributes"} == set(tree_hashes(store.path("iter-2")))
+    assert {p: e.sha256 for p, e in tagged.files.items() if p != ".gitattributes"} == tree_hashes(
+        store.path("iter-2")
+    )
+
+
+def test_persistent_failure_leaves_no_tag_and_no_token(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    repo = standin.repo("tpo-persistent-5xx")
+    before = tree_hashes(store.path("iter-1"))
+    # The server echoes the Authorization header in its error (as a broken proxy might).
+    fresh_faults.add_faults("commit", *["503-echo-auth"] * 3)
+    outcome = publish(standin, store, "iter-1", repo, max_retries=2)
+    assert not outcome["ok"]
+    error = outcome["error"]
+    assert "could not commit to stand-in-user/tpo-persistent-5xx (after 3 attempts)" in error
+    assert "503" in error and "nothing was tagged and the local version is intact" in error
+    assert "Bearer ***" in error and TOKEN not in error + outcome["log"]
+    state = fresh_faults.repo(repo)
+    assert (
+        state.tags == {} and len(fresh_faults.history(repo)) == 1
+    )  # only the repo's initial commit
+    assert_local_intact(store, "iter-1", before)
+    # Once the Hub recovers, the same command succeeds.
+    assert publish(standin, store, "iter-1", repo)["ok"]
+
+
+def test_dropped_connections_exhausted(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    repo = standin.repo("tpo-dropped")
+    before = tree_hashes(store.path("iter-2"))
+    fresh_faults.add_faults("commit", "drop", "drop")
+    outcome = publish(standin, store, "iter-2", repo, max_retries=1)
+    assert (
+        not outcome["ok"]
+        and "RemoteProtocolError" in outcome["error"]
+        and "How to fix" in outcome["error"]
+    )
+    assert fresh_faults.repo(repo).tags == {} and len(fresh_faults.history(repo)) == 1
+    assert_local_intact(store, "iter-2", before)
+
+
+def test_tag_failures(standin: Backend, fresh_faults: HubStandin, store: LocalStore) -> None:
+    repo = standin.repo("tpo-tag-faults")
+    # A lost answer to the tag request: the retry sees 409 on our own commit and accepts it.
+    fresh_faults.add_faults("tag", "drop-after")
+    first = publish(standin, store, "iter-1", repo)
+    assert first["ok"], first
+    assert fresh_faults.repo(repo).tags == {"iter-1": first["commit"]}
+
+    # The tag keeps failing: the commit is on main, untagged, and the message says to re-run.
+    fresh_faults.add_faults("tag", "500", "500")
+    failed = publish(standin, store, "iter-2", repo, max_retries=1)
+    assert not failed["ok"] and "could not create tag iter-2" in failed["error"]
+    assert "committed on main but not tagged" in failed["error"]
+    head = fresh_faults.repo(repo).branches["main"]
+    assert "iter-2" not in fresh_faults.repo(repo).tags
+    rerun = publish(standin, store, "iter-2", repo)
+    assert rerun["ok"] and rerun["commit"] == head  # the upload is reused, no new commit
+    assert fresh_faults.repo(repo).tags["iter-2"] == head
+
+    # Someone else creates the tag between the check and our tag request.
+    fresh_faults.add_faults("tag", "tag-race")
+    raced = publish(standin, store, "iter-2", repo, tag="iter-2-b")
+    assert (
+        not raced["ok"]
+        and "was created in" in raced["error"]
+        and "by someone else" in raced["error"]
+    )
+    assert fresh_faults.repo(repo).tags["iter-2-b"] != head
+
+
+def test_missing_token_is_a_clear_error(
+    standin: Backend, store: LocalStore, module_tmp: Path
+) -> None:
+    env = {k: v for k, v in standin.env.items() if k != "HF_TOKEN"}
+    env["HF_HOME"] = str(module_tmp / "hf_home_empty")  # no saved login either
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tpo_data.cli_store",
+            "publish",
+            "iter-1",
+            "--store",
+            str(store.root),
+            "--repo",
+            "u/r",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    CAPTURED.extend([result.stdout, result.stderr])
+    assert (
+        result.returncode == 2
+        and "no Hugging Face token" in result.stderr
+        and "HF_TOKEN" in result.stderr
+    )
+
+
+def test_tampered_version_is_not_published(
+    standin: Backend, store: LocalStore, module_tmp: Path
+) -> None:
+    tampered = LocalStore(module_tmp / "tampered-store")
+    shutil.copytree(store.path("iter-1"), tampered.root / "iter-1")
+    with open(tampered.path("iter-1") / "pipeline.yaml", "a") as f:
+        f.write("# edited after the fact\n")
+    outcome = publish(standin, tampered, "iter-1", standin.repo("tpo-tampered"))
+    assert (
+        not outcome["ok"]
+        and "does not match its manifest: changed pipeline.yaml" in outcome["error"]
+    )
+    assert (
+        "dataset/stand-in-user/tpo-tampered" not in standin.hub.repos
+    )  # refused before any upload
+
+
+STANDIN_EXTRAS = """
+import json, sys
+import datasets
+from huggingface_hub import HfApi
+
+a = json.loads(sys.argv[1])
+api, repo = HfApi(), a["repo"]
+info = datasets.Dataset.from_dict({"a": [1, 2, 3]}).push_to_hub(repo, config_name="pairs")
+api.create_tag(repo, tag="v1", revision=info.oid, repo_type="dataset")
+api.create_branch(repo, branch="dev", revision="v1", repo_type="dataset")
+asked = ["README.md", "pairs", "nope"]
+paths = api.get_paths_info(repo, asked, repo_type="dataset", revision="dev")
+commits = api.list_repo_commits(repo, repo_type="dataset", revision="v1")
+out = {
+    "commit": info.oid,
+    "paths": sorted(p.path for p in paths),
+    "commits": [c.commit_id for c in commits],
+    "rows": datasets.load_dataset(repo, "pairs", revision="v1", split="train").to_list(),
+}
+api.delete_branch(repo, branch="dev", repo_type="dataset")
+api.delete_tag(repo, tag="v1", repo_type="dataset")
+refs = api.list_repo_refs(repo, repo_type="dataset")
+out["refs"] = [r.name for r in refs.branches + refs.tags]
+print(json.dumps(out))
+"""
+
+
+def test_standin_serves_push_to_hub_and_ref_routes(standin: Backend) -> None:
+    """The stand-in also serves datasets' push_to_hub and the branch/paths-info/commits routes."""
+    repo = standin.repo("standin-extras")
+    out = json.loads(
+        run_client(standin, ["-c", STANDIN_EXTRAS], {"repo": repo}).stdout.splitlines()[-1]
+    )
+    assert out["rows"] == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert out["paths"] == ["README.md", "pairs"]
+    assert (
+        out["commits"][0] == out["commit"] and len(out["commits"]) == 2
+    )  # initial, then data + card at once
+    assert out["refs"] == ["main"]
+    stored = standin.hub.repo(repo).commits[out["commit"]].files
+    assert stored["pairs/train-00000-of-00001.parquet"].lfs  # datasets relies on "lfs" for parquet
+    assert standin.hub.state()["unhandled"] == []
+
+
+def test_standin_control_endpoint(hub: HubStandin) -> None:
+    def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(hub.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    hub.clear_faults()
+    assert call("POST", "/_standin/faults", {"commit": ["503", "drop-after"]}) == (
+        200,
+        {"commit": ["503", "drop-after"]},
+    )
+    status, body = call("POST", "/_standin/faults", {"commit": ["teapot"]})
+    assert status == 400 and "unknown fault" in body["error"]
+    status, state = call("GET", "/_standin/state")
+    assert status == 200 and "repos" in state and state["unhandled"] == []
+    hub.clear_faults()
+
+
+def test_no_token_in_anything_written(hub: HubStandin, store: LocalStore) -> None:
+    """Grep every file this module wrote (store, stand-in storage, caches) and all output."""
+    scanned: set[Path] = set()
+    for root in WRITTEN:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                for token in USED_TOKENS:
+                    assert token.encode() not in data, f"token found in {path}"
+                scanned.add(path)
+    # The store and the stand-in's storage (blobs, state.json, requests.log) are all covered.
+    assert set(store.root.rglob("*.parquet")) <= scanned
+    assert {p for p in hub.storage.rglob("*") if p.is_file()} <= scanned
+    assert all(token not in text for text in CAPTURED for token in USED_TOKENS)
+    assert hub.state()["unhandled"] == []

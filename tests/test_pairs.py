@@ -1,0 +1,216 @@
+"""Pair selection and drop accounting (tpo_data.pairs)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tpo_data.errors import TPODataError
+from tpo_data.pairs import (
+    DROP_ALL_EQUAL,
+    DROP_NO_VALID,
+    DROP_NON_FINITE,
+    DROP_REASONS,
+    DROP_SINGLE_SAMPLE,
+    DROP_SINGLE_VALID,
+    Drop,
+    PairChoice,
+    select_pair,
+    select_pairs,
+    summarize,
+)
+from tpo_data.scoring import length_controlled
+
+NAN = float("nan")
+
+
+def test_argmax_and_argmin_without_length_control():
+    pair = select_pair([0.1, 0.9, 0.5], [10, 20, 30], [True, True, True], rho=0.0)
+    assert isinstance(pair, PairChoice)
+    assert (pair.chosen, pair.rejected, pair.rejected_parsed) == (1, 0, True)
+    assert (pair.chosen_score, pair.rejected_score) == (0.9, 0.1)
+    assert (pair.chosen_length, pair.rejected_length) == (20, 10)
+    # z = (x - 0.5) / sqrt(0.32/3): gap = 0.8 / 0.326599
+    assert pair.score_gap == pytest.approx(2.449490, abs=1e-6)
+    assert pair.norm_scores == pytest.approx((-1.224745, 1.224745, 0.0), abs=1e-6)
+
+
+def test_length_control_prefers_the_shorter_near_tie():
+    scores, lengths = [1.0, 0.98, 0.0], [900, 300, 500]
+    assert select_pair(scores, lengths, [True] * 3, rho=0.0).chosen == 0
+    assert select_pair(scores, lengths, [True] * 3, rho=0.3).chosen == 1
+
+
+def test_parse_failure_is_rejected_and_never_chosen():
+    # Sample 0 has the best raw score but did not parse.
+    pair = select_pair([9.0, 0.2, 0.8, NAN], [100, 200, 300, 400], [False, True, True, False], rho=0.0)
+    assert isinstance(pair, PairChoice)
+    assert pair.chosen == 2
+    assert pair.rejected == 0  # the first parse failure
+    assert pair.rejected_parsed is False
+    assert pair.rejected_score is None and pair.score_gap is None
+    assert pair.rejected_length == 100
+    assert pair.norm_scores == pytest.approx((None, -1.0, 1.0, None))
+
+
+def test_parse_failures_can_be_excluded():
+    parsed = [False, True, True, True]
+    pair = select_pair([9.0, 0.2, 0.8, 0.5], [100, 200, 300, 400], parsed, 0.0, reject_parse_failures=False)
+    assert (pair.chosen, pair.rejected, pair.rejected_parsed) == (2, 1, True)
+    drop = select_pair([1.0, 2.0], [1, 2], [True, False], 0.0, reject_parse_failures=False)
+    assert drop == Drop(DROP_SINGLE_VALID)
+
+
+def test_one_valid_sample_pairs_with_a_parse_failure():
+    pair = select_pair([NAN, 0.3], [50, 60], [False, True], rho=0.5)
+    assert (pair.chosen, pair.rejected) == (1, 0)
+    assert pair.norm_scores == (None, 0.0)
+
+
+def test_normalization_uses_valid_samples_only():
+    scores = [5.0, 1.0, 2.0, 4.0, 1000.0]
+    lengths = [10, 20, 40, 80, 5]
+    parsed = [True, True, False, True, False]
+    pair = select_pair(scores, lengths, parsed, rho=0.2)
+    expected = length_controlled([5.0, 1.0, 4.0], [10, 20, 80], 0.2)
+    got = [v for v in pair.norm_scores if v is not None]
+    np.testing.assert_allclose(got, expected)
+
+
+def test_ties_break_to_lowest_index():
+    pair = select_pair([1.0, 3.0, 3.0, 0.0, 0.0], [5] * 5, [True] * 5, rho=0.0)
+    assert (pair.chosen, pair.rejected) == (1, 3)
+    pair = select_pair([2.0, 2.0, 1.0], [5] * 3, [True, True, False], rho=0.0)
+    assert (pair.chosen, pair.rejected) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "scores, lengths, parsed, reason",
+    [
+        ([0.5], [10], [True], DROP_SINGLE_SAMPLE),
+        ([NAN], [10], [False], DROP_SINGLE_SAMPLE),
+        ([NAN, NAN, NAN], [1, 2, 3], [False, False, False], DROP_NO_VALID),
+        ([0.5, 0.5, 0.5], [1, 1, 1], [True, True, True], DROP_ALL_EQUAL),
+        ([0.5, NAN, 0.2], [1, 1, 1], [True, True, True], DROP_NON_FINITE),
+        ([0.5, float("inf"), 0.2], [1, 1, 1], [True, True, True], DROP_NON_FINITE),
+        ([0.5, -float("inf"), 0.2], [1, 1, 1], [True, True, False], DROP_NON_FINITE),
+    ],
+)
+def test_drop_reasons(scores, lengths, parsed, reason):
+    assert select_pair(scores, lengths, parsed, rho=0.1) == Drop(reason)
+
+
+def test_all_equal_with_length_control_still_pairs_by_length():
+    # Equal scores but different lengths: rho > 0 separates them (shorter wins).
+    pair = select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.1)
+    assert (pair.chosen, pair.rejected) == (0, 1)
+    assert select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.0) == Drop(DROP_ALL_EQUAL)
+
+
+def test_all_equal_but_a_parse_failure_gives_a_pair():
+    pair = select_pair([0.5, 0.5, NAN], [1, 1, 1], [True, True, False], rho=0.0)
+    assert (pair.chosen, pair.rejected) == (0, 2)
+
+
+def test_non_finite_score_of_a_parse_failure_is_ignored():
+    assert isinstance(select_pair([0.1, float("inf"), 0.4], [1, 2, 3], [True, False, True], 0.0), PairChoice)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([], [], []),
+        ([1.0, 2.0], [1], [True, True]),
+        ([1.0, 2.0], [1, 2], [True]),
+    ],
+)
+def test_bad_shapes_raise(args):
+    with pytest.raises(TPODataError):
+        select_pair(*args, rho=0.0)
+
+
+def test_bad_rho_raises():
+    with pytest.raises(TPODataError):
+        select_pair([1.0, 2.0], [1, 2], [True, True], rho=0.6)
+
+
+instruction = st.integers(1, 9).flatmap(
+    lambda k: st.tuples(
+        st.lists(st.one_of(st.floats(-5, 5), st.just(NAN)), min_size=k, max_size=k),
+        st.lists(st.integers(0, 5000), min_size=k, max_size=k),
+        st.lists(st.booleans(), min_size=k, max_size=k),
+    )
+)
+
+
+@given(instruction, st.sampled_from([0.0, 0.1, 0.25, 0.5]))
+@settings(max_examples=200, deadline=None)
+def test_pair_rules_hold_for_any_instruction(group, rho):
+    scores, lengths, parsed = group
+    result = select_pair(scores, lengths, parsed, rho)
+    valid = [i for i, ok in enumerate(parsed) if ok]
+    if isinstance(result, Drop):
+        assert result.reason in DROP_REASONS
+        if len(scores) == 1:
+            assert result.reason == DROP_SINGLE_SAMPLE
+        elif any(math.isnan(scores[i]) for i in valid):
+            assert result.reason == DROP_NON_FINITE
+        elif not valid:
+            assert result.reason == DROP_NO_VALID
+        else:
+            assert result.reason == DROP_ALL_EQUAL and all(parsed)
+        return
+    assert parsed[result.chosen], "a parse failure was chosen"
+    assert result.chosen != result.rejected
+    s = [result.norm_scores[i] for i in valid]
+    assert result.chosen == valid[s.index(max(s))]  # argmax, lowest index among ties
+    if not all(parsed):
+        assert result.rejected == parsed.index(False)
+        assert not result.rejected_parsed and result.score_gap is None
+    else:
+        assert result.rejected == valid[s.index(min(s))]
+        assert result.score_gap == pytest.approx(max(s) - min(s)) and result.score_gap > 0
+    assert [v is not None for v in result.norm_scores] == list(parsed)
+
+
+def test_select_pairs_counts_drops_and_summarize():
+    groups = [
+        ([0.1, 0.9], [10, 30], [True, True]),  # pair 1 > 0
+        ([0.3], [5], [True]),  # single_sample
+        ([NAN, NAN], [1, 1], [False, False]),  # no_valid_candidate
+        ([0.2, 0.2], [7, 7], [True, True]),  # all_equal
+        ([0.7, NAN, 0.1], [20, 99, 40], [True, False, True]),  # pair 0 > 1 (parse failure)
+        ([0.5, NAN], [3, 3], [True, True]),  # non_finite_score
+    ]
+    selection = select_pairs(groups, rho=0.0)
+    assert [i for i, _ in selection.pairs] == [0, 4]
+    assert selection.dropped == [(1, DROP_SINGLE_SAMPLE), (2, DROP_NO_VALID), (3, DROP_ALL_EQUAL), (5, DROP_NON_FINITE)]
+    assert selection.drops == Counter(
+        {DROP_SINGLE_SAMPLE: 1, DROP_NO_VALID: 1, DROP_ALL_EQUAL: 1, DROP_NON_FINITE: 1}
+    )
+    stats = summarize(selection)
+    assert stats["instructions"] == 6
+    assert stats["samples"] == 12
+    assert stats["parse_rate"] == pytest.approx(9 / 12)
+    assert stats["pairs_kept"] == 2
+    assert stats["drops"] == {
+        DROP_SINGLE_SAMPLE: 1,
+        DROP_NON_FINITE: 1,
+        DROP_NO_VALID: 1,
+        DROP_ALL_EQUAL: 1,
+        DROP_SINGLE_VALID: 0,
+    }
+    assert stats["rejected_parse_failures"] == 1
+    assert stats["mean_chosen_length"] == pytest.approx((30 + 20) / 2)
+    assert stats["mean_rejected_length"] == pytest.approx((10 + 99) / 2)
+    assert stats["rho"] == 0.0
+
+
+def test_summarize_empty():
+    stats = summarize(select_pairs([], rho=0.2))
+    assert stats["pairs_kept"] == 0 and math.isnan(stats["parse_rate"]) and math.isnan(stats["mean_chosen_length"])

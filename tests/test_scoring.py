@@ -1,0 +1,311 @@
+"""Win matrices, Bradley-Terry, length control and auto_rho (tpo_data.scoring)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tpo_data.errors import TPODataError
+from tpo_data.pairs import select_pairs
+from tpo_data.scoring import (
+    DEFAULT_RHO_GRID,
+    auto_rho,
+    bradley_terry,
+    check_finite,
+    elo,
+    length_controlled,
+    win_matrix,
+)
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# --- win_matrix ---------------------------------------------------------------
+
+
+def test_win_matrix_counts_both_orders():
+    # m=0 beats 1 when shown as A (r=+1) and again when shown as B (r=-1 in (1, 0)).
+    wins = win_matrix(3, [(0, 1, 1), (1, 0, -1), (2, 0, 1), (0, 2, 0), (1, 2, -1)])
+    expected = np.array([[0, 2, 0], [0, 0, 0], [1, 1, 0]], dtype=float)
+    np.testing.assert_array_equal(wins, expected)
+
+
+def test_win_matrix_ties_add_nothing_and_repeats_accumulate():
+    assert win_matrix(2, [(0, 1, 0), (1, 0, 0)]).sum() == 0
+    wins = win_matrix(2, [(0, 1, 1)] * 3 + [(1, 0, 1)])
+    np.testing.assert_array_equal(wins, [[0, 3], [1, 0]])
+
+
+@pytest.mark.parametrize("judgment", [(0, 0, 1), (0, 3, 1), (-1, 0, 1), (0, 1, 2)])
+def test_win_matrix_rejects_bad_judgments(judgment):
+    with pytest.raises(TPODataError):
+        win_matrix(3, [judgment])
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.sampled_from([-1, 0, 1])), max_size=60))
+@FAST
+def test_win_matrix_matches_the_paper_formula(raw):
+    judgments = [(m, n, r) for m, n, r in raw if m != n]
+    wins = win_matrix(5, judgments)
+    for m in range(5):
+        for n in range(5):
+            # B_mn = [r^mn = +1] + [r^nm = -1], summed over repeated judgments.
+            expected = sum(1 for a, b, r in judgments if (a, b, r) == (m, n, 1) or (a, b, r) == (n, m, -1))
+            assert wins[m, n] == expected
+    assert wins.sum() == sum(1 for *_, r in judgments if r != 0)
+
+
+# --- bradley_terry --------------------------------------------------------------
+
+
+def test_bt_two_candidates_closed_form():
+    # With a negligible prior the MLE is s0 - s1 = log(wins0 / wins1).
+    s = bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]), l2=1e-9)
+    assert s[0] - s[1] == pytest.approx(math.log(3.0), abs=1e-6)
+    assert s.sum() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bt_known_strengths_from_expected_counts():
+    true = np.array([1.5, 0.5, 0.0, -0.25, -1.75])
+    games = 1000.0
+    wins = games * sigmoid(true[:, None] - true[None, :])
+    np.fill_diagonal(wins, 0.0)
+    s = bradley_terry(wins)
+    np.testing.assert_allclose(s, true - true.mean(), atol=1e-4)
+
+
+@given(
+    st.integers(3, 8).flatmap(lambda k: st.lists(st.floats(-2.0, 2.0), min_size=k, max_size=k)),
+    st.integers(0, 2**32 - 1),
+)
+@FAST
+def test_bt_recovers_strengths_from_sampled_wins(true, seed):
+    true = np.array(true)
+    rng = np.random.default_rng(seed)
+    wins = rng.binomial(2000, sigmoid(true[:, None] - true[None, :])).astype(float)
+    np.fill_diagonal(wins, 0.0)
+    s = bradley_terry(wins)
+    # 2000 games per ordered pair: standard error ~0.02-0.05 per strength.
+    assert np.max(np.abs(s - (true - true.mean()))) < 0.25
+    if np.ptp(true) > 0.5:
+        assert np.corrcoef(s, true)[0, 1] > 0.98
+
+
+def square_counts(max_k: int, max_count: int):
+    """(k, k*k non-negative counts) for a k x k win matrix."""
+    return st.integers(2, max_k).flatmap(
+        lambda k: st.tuples(st.just(k), st.lists(st.integers(0, max_count), min_size=k * k, max_size=k * k))
+    )
+
+
+@given(square_counts(8, 6), st.randoms())
+@FAST
+def test_bt_is_invariant_to_candidate_order(k_counts, rnd):
+    k, counts = k_counts
+    wins = np.array(counts, dtype=float).reshape(k, k)
+    np.fill_diagonal(wins, 0.0)
+    perm = list(range(k))
+    rnd.shuffle(perm)
+    s = bradley_terry(wins)
+    s_perm = bradley_terry(wins[np.ix_(perm, perm)])
+    np.testing.assert_allclose(s_perm, s[perm], atol=1e-7)
+    assert abs(s.mean()) < 1e-9
+
+
+@given(square_counts(6, 5), st.data())
+@FAST
+def test_bt_one_more_win_raises_the_winner(k_counts, data):
+    k, counts = k_counts
+    wins = np.array(counts, dtype=float).reshape(k, k)
+    np.fill_diagonal(wins, 0.0)
+    i = data.draw(st.integers(0, k - 1))
+    j = data.draw(st.integers(0, k - 1).filter(lambda x: x != i))
+    before = bradley_terry(wins)
+    wins[i, j] += 1
+    after = bradley_terry(wins)
+    assert after[i] - after[j] > before[i] - before[j] + 1e-9
+    assert after[i] > before[i]
+
+
+def test_bt_stays_finite_when_one_candidate_wins_everything():
+    wins = np.zeros((4, 4))
+    wins[0, 1:] = 5.0  # 0 beats everyone, the others never meet
+    s = bradley_terry(wins)
+    assert np.all(np.isfinite(s))
+    assert s[0] == s.max() and s[0] > 2.0
+    np.testing.assert_allclose(s[1:], s[1], atol=1e-9)  # symmetric losers
+    assert abs(s.sum()) < 1e-9
+
+
+def test_bt_disconnected_components_are_centred_by_the_prior():
+    wins = np.zeros((4, 4))
+    wins[0, 1] = 3.0
+    wins[1, 0] = 1.0
+    wins[2, 3] = 3.0
+    wins[3, 2] = 1.0
+    s = bradley_terry(wins)
+    np.testing.assert_allclose(s, [s[0], -s[0], s[0], -s[0]], atol=1e-9)
+    assert s[0] - s[1] == pytest.approx(math.log(3.0), abs=1e-2)
+
+
+def test_bt_edge_sizes_and_no_games():
+    assert bradley_terry(np.zeros((0, 0))).shape == (0,)
+    np.testing.assert_array_equal(bradley_terry(np.zeros((1, 1))), [0.0])
+    np.testing.assert_array_equal(bradley_terry(np.zeros((3, 3))), [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "wins, l2",
+    [
+        (np.zeros((2, 3)), 1e-3),
+        (np.array([[0.0, -1.0], [0.0, 0.0]]), 1e-3),
+        (np.array([[1.0, 0.0], [0.0, 0.0]]), 1e-3),
+        (np.array([[0.0, np.nan], [0.0, 0.0]]), 1e-3),
+        (np.zeros((2, 2)), 0.0),
+    ],
+)
+def test_bt_rejects_bad_input(wins, l2):
+    with pytest.raises(TPODataError):
+        bradley_terry(wins, l2=l2)
+
+
+def test_bt_is_fast_at_k8():
+    rng = np.random.default_rng(0)
+    mats = []
+    for _ in range(200):
+        w = rng.integers(0, 3, size=(8, 8)).astype(float)
+        np.fill_diagonal(w, 0.0)
+        mats.append(w)
+    start = time.perf_counter()
+    for w in mats:
+        bradley_terry(w)
+    # ~0.3 ms each on one core; the bound leaves room for a loaded machine.
+    assert time.perf_counter() - start < 5.0
+
+
+def test_elo_scale():
+    np.testing.assert_allclose(elo(np.array([0.0, math.log(10.0), -math.log(10.0)])), [1000.0, 1400.0, 600.0])
+
+
+# --- length control -----------------------------------------------------------
+
+
+def test_length_controlled_hand_computed():
+    # z(scores) = (x - 2) / sqrt(2/3); z(lengths) = (x - 30) / sqrt(1400/3).
+    s = length_controlled([1.0, 2.0, 3.0], [10, 20, 60], rho=0.5)
+    zs = np.array([-1.224745, 0.0, 1.224745])
+    zl = np.array([-0.925820, -0.462910, 1.388730])
+    np.testing.assert_allclose(s, zs - 0.5 * zl, atol=1e-6)
+    np.testing.assert_allclose(s, [-0.761835, 0.231455, 0.530380], atol=1e-6)
+
+
+def test_length_controlled_rho_zero_is_plain_z():
+    np.testing.assert_allclose(length_controlled([0.0, 4.0], [5, 900], 0.0), [-1.0, 1.0])
+
+
+def test_zero_spread_contributes_zero():
+    np.testing.assert_allclose(length_controlled([1.0, 3.0], [50, 50], 0.5), [-1.0, 1.0])
+    np.testing.assert_allclose(length_controlled([0.7, 0.7], [10, 30], 0.2), [0.2, -0.2])
+    np.testing.assert_array_equal(length_controlled([0.1] * 5, [7] * 5, 0.5), np.zeros(5))
+
+
+@pytest.mark.parametrize("rho", [-0.01, 0.51, float("nan"), 1, "0.1"])
+def test_rho_out_of_range(rho):
+    with pytest.raises(TPODataError, match="rho"):
+        length_controlled([1.0, 2.0], [1, 2], rho)
+
+
+def test_rho_bounds_are_allowed():
+    assert length_controlled([1.0, 2.0], [1, 2], 0).shape == (2,)
+    assert length_controlled([1.0, 2.0], [1, 2], 0.5).shape == (2,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_raise(bad):
+    with pytest.raises(TPODataError, match="check_finite"):
+        length_controlled([1.0, bad], [1, 2], 0.1)
+
+
+def test_check_finite_mask():
+    mask = check_finite([1.0, float("nan"), float("inf"), None, -2.0])
+    np.testing.assert_array_equal(mask, [True, False, False, False, True])
+
+
+def test_length_controlled_shape_mismatch():
+    with pytest.raises(TPODataError):
+        length_controlled([1.0, 2.0], [1], 0.1)
+
+
+# --- auto_rho -------------------------------------------------------------------
+
+
+def test_auto_rho_picks_smallest_satisfying_rho():
+    groups = [
+        # rho=0 picks the 300-char sample; from rho ~0.0908 on the 100-char one wins.
+        ([1.0, 0.9, 0.0], [300, 100, 200], [True, True, True]),
+        ([0.0, 1.0], [100, 100], [True, True]),
+    ]
+    result = auto_rho(groups)
+    assert result.rho == pytest.approx(0.1)
+    assert result.satisfied
+    assert result.mean_chosen_length == pytest.approx(100.0)
+    assert result.mean_rejected_length == pytest.approx(150.0)
+    assert result.n_pairs == 2
+    # Just below the threshold the longer sample is still chosen.
+    assert auto_rho(groups, grid=[0.0, 0.075]).satisfied is False
+
+
+def test_auto_rho_reports_when_unsatisfiable():
+    result = auto_rho([([10.0, 0.0], [200, 100], [True, True])])
+    assert result.rho == 0.5
+    assert not result.satisfied
+    assert (result.mean_chosen_length, result.mean_rejected_length) == (200.0, 100.0)
+
+
+def test_auto_rho_with_no_pairs():
+    result = auto_rho([([1.0], [10], [True])], grid=[0.0, 0.2])
+    assert (result.rho, result.satisfied, result.n_pairs) == (0.2, False, 0)
+    assert math.isnan(result.mean_chosen_length)
+
+
+def test_auto_rho_validates_grid():
+    with pytest.raises(TPODataError):
+        auto_rho([], grid=[])
+    with pytest.raises(TPODataError):
+        auto_rho([], grid=[0.1, 0.7])
+
+
+group_strategy = st.integers(2, 6).flatmap(
+    lambda k: st.tuples(
+        st.lists(st.floats(-3, 3), min_size=k, max_size=k),
+        st.lists(st.integers(1, 3000), min_size=k, max_size=k),
+        st.lists(st.booleans(), min_size=k, max_size=k),
+    )
+)
+
+
+@given(st.lists(group_strategy, min_size=1, max_size=6))
+@settings(max_examples=40, deadline=None)
+def test_auto_rho_is_the_first_grid_value_that_satisfies(groups):
+    result = auto_rho(groups)
+
+    def holds(rho):
+        pairs = select_pairs(groups, rho).pairs
+        return bool(pairs) and np.mean([p.chosen_length for _, p in pairs]) <= np.mean(
+            [p.rejected_length for _, p in pairs]
+        )
+
+    smaller = [r for r in DEFAULT_RHO_GRID if r < result.rho]
+    assert not any(holds(r) for r in smaller)
+    assert holds(result.rho) == result.satisfied
+    if not result.satisfied:
+        assert result.rho == DEFAULT_RHO_GRID.max()

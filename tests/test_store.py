@@ -1,0 +1,433 @@
+"""Local store: layout, manifest, atomic writes, immutability, verification, scrubbing, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+import yaml
+
+from tpo_data import secrets
+from tpo_data.card import compute_stats, data_file_path
+from tpo_data.cli_store import main as cli_main
+from tpo_data.errors import TPODataError
+from tpo_data.store import MANIFEST, LocalStore, write_iteration
+
+RECIPE = {
+    "policy": "SmolLM2-135M-Instruct",
+    "judge": "reward-model",
+    "samples_per_instruction": 4,
+    "rho": 0.0,
+}
+PIPELINE_YAML = "distilabel:\n  version: 1.5.3\npipeline:\n  name: tpo-generate\n  steps: []\n"
+
+
+def make_iteration(
+    iteration: int, n_instructions: int = 6, n_samples: int = 4
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Small synthetic ``pairs`` and ``candidates`` tables following docs/SCHEMA.md."""
+    rng = random.Random(iteration)
+    candidates: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    for i in range(n_instructions):
+        instruction = f"Question {i} of iteration {iteration}: explain topic {rng.randint(0, 999)}."
+        category = ("math", "writing", "coding")[i % 3]
+        rows = []
+        for j in range(n_samples):
+            thought = f"Let me think about {i}.{j}." if j % 2 == 0 else ""
+            response = " ".join(["answer"] * rng.randint(1, 30))
+            parsed = not (j == n_samples - 1 and i % 2)
+            score = round(rng.uniform(-3.0, 3.0), 4) if parsed else None
+            rows.append(
+                {
+                    "instruction_id": f"it{iteration}-q{i}",
+                    "instruction": instruction,
+                    "category": category,
+                    "sample_index": j,
+                    "generation": f"{thought}\nHere is my response:\n{response}",
+                    "thought": thought,
+                    "response": response,
+                    "parsed": parsed,
+                    "score": score,
+                    "length": len(response),
+                    "norm_score": None if score is None else round(score / 3.0, 4),
+                    "iteration": iteration,
+                }
+            )
+        candidates += rows
+        scored = sorted((r for r in rows if r["score"] is not None), key=lambda r: r["score"])
+        if i == 0 or len(scored) < 2:
+            continue  # one instruction without a pair, as happens when all samples tie or fail
+        best, worst = scored[-1], scored[0]
+        pairs.append(
+            {
+                "prompt": [
+                    {"role": "user", "content": f"Think first, then answer.\n{instruction}"}
+                ],
+                "chosen": [{"role": "assistant", "content": best["generation"]}],
+                "rejected": [{"role": "assistant", "content": worst["generation"]}],
+                "instruction_id": best["instruction_id"],
+                "instruction": instruction,
+                "category": category,
+                "chosen_thought": best["thought"],
+                "chosen_response": best["response"],
+                "rejected_thought": worst["thought"],
+                "rejected_response": worst["response"],
+                "chosen_score": best["score"],
+                "rejected_score": worst["score"],
+                "chosen_length": best["length"],
+                "rejected_length": worst["length"],
+                "score_gap": round(best["score"] - worst["score"], 4),
+                "rho": 0.0,
+                "iteration": iteration,
+            }
+        )
+    return datasets.Dataset.from_list(pairs), datasets.Dataset.from_list(candidates)
+
+
+def write_test_iteration(
+    store: LocalStore, iteration: int, version: str | None = None, **overrides: Any
+) -> Path:
+    pairs, candidates = make_iteration(iteration)
+    kwargs: dict[str, Any] = {
+        "pairs": pairs,
+        "candidates": candidates,
+        "iteration": iteration,
+        "parent_model": "HuggingFaceTB/SmolLM2-135M-Instruct"
+        if iteration == 1
+        else f"outputs/models/iter-{iteration - 1}",
+        "parent_version": None if iteration == 1 else f"iter-{iteration - 1}",
+        "recipe": RECIPE,
+        "seed": 1234,
+        "instruction_slice": {"start": 0, "stop": 6},
+        "pipeline_yaml": PIPELINE_YAML,
+        **overrides,
+    }
+    return write_iteration(store, version or f"iter-{iteration}", **kwargs)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> LocalStore:
+    """A store with iter-1 and iter-2, shared by the read-only tests."""
+    store = LocalStore(tmp_path_factory.mktemp("store") / "tpo")
+    write_test_iteration(store, 1)
+    write_test_iteration(store, 2)
+    return store
+
+
+def test_layout_and_manifest(built: LocalStore) -> None:
+    folder = built.path("iter-2")
+    manifest = built.manifest("iter-2")
+    expected_files = {
+        "README.md",
+        data_file_path("pairs"),
+        data_file_path("candidates"),
+        "pipeline.yaml",
+        "plots/score_distribution.png",
+        "plots/length_distribution.png",
+        "plots/parse_rate.png",
+    }
+    assert set(manifest["files"]) == expected_files
+    assert set(tree_hashes(folder)) == expected_files | {MANIFEST}
+    for rel, info in manifest["files"].items():
+        assert info["sha256"] == sha256(folder / rel)
+        assert info["size"] == (folder / rel).stat().st_size
+    pairs, candidates = make_iteration(2)
+    assert manifest["row_counts"] == {"pairs": pairs.num_rows, "candidates": candidates.num_rows}
+    assert manifest["iteration"] == 2 and manifest["parent_version"] == "iter-1"
+    assert manifest["parent_model"] == "outputs/models/iter-1"
+    assert manifest["recipe"] == RECIPE and manifest["seed"] == 1234
+    assert manifest["instruction_slice"] == {"start": 0, "stop": 6}
+    assert {"python", "datasets", "huggingface-hub", "pyarrow", "tpo-data"} <= set(
+        manifest["library_versions"]
+    )
+    assert manifest["stats"] == compute_stats(candidates, pairs)
+    for png in (f for f in expected_files if f.endswith(".png")):
+        assert (folder / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert (folder / "pipeline.yaml").read_text() == PIPELINE_YAML
+
+
+def test_card_declares_configs_and_carries_lineage(built: LocalStore) -> None:
+    card = (built.path("iter-2") / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    configs = {c["config_name"]: c for c in header["configs"]}
+    assert set(configs) == {"pairs", "candidates"} and configs["pairs"].get("default") is True
+    assert configs["candidates"]["data_files"] == [
+        {"split": "train", "path": "data/candidates/train-*"}
+    ]
+    for text in (
+        "iter-1",
+        "outputs/models/iter-1",
+        "reward-model",
+        "pipeline.yaml",
+        "plots/score_distribution.png",
+        "parse_rate",
+    ):
+        assert text in card
+    assert PIPELINE_YAML.strip() in card
+
+
+def test_datasets_load_dataset_reads_a_version_folder(built: LocalStore, tmp_path: Path) -> None:
+    folder = str(built.path("iter-1"))
+    pairs, candidates = make_iteration(1)
+    # Plain datasets, no tpo-data involved: the default config is pairs.
+    assert (
+        datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path)).to_list()
+        == pairs.to_list()
+    )
+    loaded = datasets.load_dataset(folder, "candidates", split="train", cache_dir=str(tmp_path))
+    assert loaded.to_list() == candidates.to_list()
+    assert built.load("iter-1", "pairs", cache_dir=str(tmp_path)).to_list() == pairs.to_list()
+    with pytest.raises(TPODataError, match="no config 'nope'"):
+        built.load("iter-1", "nope")
+
+
+def test_versions_are_sorted_by_iteration(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    pairs, _ = make_iteration(1, n_instructions=3, n_samples=2)
+    for version, iteration in (("iter-10", 10), ("iter-2", 2), ("iter-2-rerun", 2)):
+        store.write_version(version, {"pairs": pairs}, {"iteration": iteration}, "---\n---\n")
+    assert [m["version"] for m in store.versions()] == ["iter-2", "iter-2-rerun", "iter-10"]
+    assert all(len(m["manifest_sha256"]) == 64 for m in store.versions())
+    with pytest.raises(TPODataError) as err:
+        store.path("iter-3")
+    assert "existing versions: iter-10, iter-2, iter-2-rerun" in str(err.value)
+    assert "How to fix" in str(err.value)
+
+
+def test_existing_version_is_refused_and_untouched(built: LocalStore) -> None:
+    before = tree_hashes(built.path("iter-1"))
+    with pytest.raises(TPODataError, match="version iter-1 already exists") as err:
+        write_test_iteration(built, 1)
+    assert "--version_name" in str(err.value)
+    pairs, _ = make_iteration(1)
+    with pytest.raises(TPODataError, match="already exists"):
+        built.write_version("iter-1", {"pairs": pairs}, {}, "card")
+    assert tree_hashes(built.path("iter-1")) == before
+    assert not [p for p in built.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("name", ["../escape", "iter 1", "-iter", "iter-1.", "a..b", ""])
+def test_invalid_version_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(TPODataError, match="invalid version name"):
+        LocalStore(tmp_path).write_version(name, {}, {}, "card")
+
+
+@pytest.mark.parametrize(
+    "rel", ["../evil.txt", "/etc/evil", "README.md", "manifest.json", "data/pairs/x.parquet"]
+)
+def test_extra_files_cannot_escape_or_shadow(tmp_path: Path, rel: str) -> None:
+    with pytest.raises(TPODataError, match="not allowed"):
+        LocalStore(tmp_path).write_version("v1", {}, {}, "card", {rel: b"x"})
+    assert not (tmp_path / "v1").exists()
+
+
+def test_failure_mid_write_leaves_no_visible_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tpo_data.store as store_module
+
+    store = LocalStore(tmp_path / "store")
+
+    def crash(folder: Path) -> None:
+        raise RuntimeError("simulated crash while syncing")
+
+    monkeypatch.setattr(store_module, "_fsync_tree", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_test_iteration(store, 1)
+    assert store.versions() == []
+    assert list(store.root.iterdir()) == []  # the temporary folder was removed
+    monkeypatch.undo()
+    write_test_iteration(store, 1)  # the name is still free
+    store.verify("iter-1")
+
+
+def test_killed_process_mid_write_leaves_no_visible_version(tmp_path: Path) -> None:
+    """A hard kill (no cleanup runs) leaves only a hidden .tmp folder that is never a version."""
+    root = tmp_path / "store"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import tpo_data.store as store_module
+        from test_store import write_test_iteration
+
+        def die(folder):
+            os._exit(9)  # like SIGKILL: no exception handlers, no cleanup
+
+        store_module._fsync_tree = die
+        write_test_iteration(store_module.LocalStore({str(root)!r}), 1)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 9, result.stderr
+    leftovers = list(root.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
+    assert (leftovers[0] / "data" / "pairs").is_dir()  # it really died mid-write
+    store = LocalStore(root)
+    assert store.versions() == []
+    with pytest.raises(TPODataError, match="not found"):
+        store.path("iter-1")
+    with pytest.raises(TPODataError, match="not found"):
+        store.path(leftovers[0].name)
+    write_test_iteration(store, 1)
+    assert [m["version"] for m in store.versions()] == ["iter-1"]
+
+
+def test_verify_detects_changes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    folder = write_test_iteration(store, 1)
+    store.verify("iter-1")
+    (folder / "plots" / "extra.png").write_bytes(b"\x89PNG")
+    with open(folder / data_file_path("pairs"), "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(TPODataError) as err:
+        store.verify("iter-1")
+    message = str(err.value)
+    assert (
+        f"changed {data_file_path('pairs')}" in message and "unexpected plots/extra.png" in message
+    )
+    assert "How to fix" in message
+
+
+def test_secrets_never_reach_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_token = "tok" + "Q7x" * 10  # not hf_-shaped: only the env-var rule can catch it
+    hf_shaped = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+    argilla_key = "argilla.apikey.Zz9" + "k" * 20
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    monkeypatch.setenv("ARGILLA_API_KEY", argilla_key)
+    recipe = {
+        **RECIPE,
+        "api_key": env_token,
+        "note": f"pushed with {hf_shaped}",
+        "argilla": argilla_key,
+    }
+    pipeline_yaml = (
+        f"{PIPELINE_YAML}  llm:\n    api_key: {env_token}\n"
+        f"    headers: 'Authorization: Bearer {hf_shaped}'\n"
+    )
+    store = LocalStore(tmp_path / "store")
+    folder = write_test_iteration(store, 1, recipe=recipe, pipeline_yaml=pipeline_yaml)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in (env_token, hf_shaped, argilla_key):
+                assert secret.encode() not in data, f"{secret[:5]}... leaked into {path.name}"
+    assert "***" in (folder / "pipeline.yaml").read_text()
+    assert store.manifest("iter-1")["recipe"]["api_key"] == "***"
+    store.verify("iter-1")  # hashes are of the scrubbed bytes
+
+
+def test_scrub_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "legacy-token-value-123")
+    text = (
+        "token hf_abcdefghijklmnopqrstuvwxyz0123456789 and api_org_ABCDEFGHIJKLMNOPQRSTUV; "
+        "Authorization: Bearer abc.def-ghi; legacy-token-value-123; "
+        "keep hf_hub_download and hf_token_var"
+    )
+    cleaned = secrets.scrub(text)
+    assert "abcdefghijklmnopqrstuvwxyz" not in cleaned and "api_org_ABC" not in cleaned
+    assert "Bearer ***" in cleaned and "abc.def-ghi" not in cleaned
+    assert "legacy-token-value-123" not in cleaned
+    assert "hf_hub_download" in cleaned and "hf_token_var" in cleaned
+    secrets.register("registered-secret-xyz")
+    assert secrets.scrub("a registered-secret-xyz b") == "a *** b"
+    assert "registered-secret-xyz" in secrets.secret_values()
+
+
+def test_scrub_filter_cleans_log_records(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tpo_data.test_scrub")
+    caplog.handler.addFilter(secrets.ScrubFilter())
+    try:
+        raise ValueError("failed with hf_abcdefghijklmnopqrstuvwxyz0123456789")
+    except ValueError:
+        logger.exception("request to %s failed", "Bearer hf_zyxwvutsrqponmlkjihgfedcba987654")
+    assert "abcdefghijklmnopqrstuvwxyz" not in caplog.text and "zyxwvutsrq" not in caplog.text
+    assert "ValueError" in caplog.text
+
+
+def test_compute_stats() -> None:
+    pairs, candidates = make_iteration(3)
+    stats = compute_stats(candidates, pairs)
+    parsed = [r["parsed"] for r in candidates]
+    assert (
+        stats["candidates"] == 24
+        and stats["instructions"] == 6
+        and stats["pairs"] == pairs.num_rows
+    )
+    assert stats["parse_rate"] == round(sum(parsed) / len(parsed), 4)
+    assert stats["score_gap_mean"] == round(sum(pairs["score_gap"]) / pairs.num_rows, 4)
+    assert set(stats["parse_rate_by_category"]) == {"math", "writing", "coding"}
+    empty = compute_stats(candidates.select([]), pairs.select([]))
+    assert empty["parse_rate"] is None and empty["pairs"] == 0
+
+
+def test_cli_versions_and_show_local(built: LocalStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["versions", "--store", str(built.root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["version"], m["iteration"], m["parent_version"]) for m in listed] == [
+        ("iter-1", 1, None),
+        ("iter-2", 2, "iter-1"),
+    ]
+    assert listed[1]["manifest_sha256"] == sha256(built.path("iter-2") / MANIFEST)
+
+    assert cli_main(["versions", "--store", str(built.root)]) == 0
+    table = capsys.readouterr().out
+    assert "iter-1" in table and "iter-2" in table and listed[0]["manifest_sha256"][:8] in table
+
+    assert cli_main(["show", "iter-2", "--store", str(built.root)]) == 0
+    shown = capsys.readouterr().out
+    assert "parse_rate" in shown and "outputs/models/iter-1" in shown
+
+    assert cli_main(["show", "iter-7", "--store", str(built.root)]) == 2
+    err = capsys.readouterr().err
+    assert "iter-7" in err and "How to fix" in err and "iter-1, iter-2" in err
+
+
+def test_cli_help_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tpo_data.cli_store", "publish", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert result.returncode == 0 and "--tag" in result.stdout and "HF_TOKEN" in result.stdout
+
+
+def test_same_version_name_in_two_stores_loads_each_stores_rows(tmp_path: Path) -> None:
+    # datasets caches a local folder by its name; two stores with "iter-1" must not mix.
+    first, second = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
+    written = {}
+    for store, n in ((first, 2), (second, 8)):
+        pairs, candidates = make_iteration(1, n_instructions=n)
+        write_iteration(store, "iter-1", pairs=pairs, candidates=candidates, iteration=1,
+                        parent_model="m", recipe=RECIPE, seed=0, instruction_slice=[])
+        written[store.root] = pairs.to_list()
+    assert written[first.root] != written[second.root]
+    assert first.load("iter-1").to_list() == written[first.root]
+    assert second.load("iter-1").to_list() == written[second.root]
