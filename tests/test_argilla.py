@@ -29,7 +29,7 @@ import yaml
 
 from tpo_data import curation
 from tpo_data.card import card_metadata
-from tpo_data.cli_argilla import main as cli_main
+from tpo_data.cli import main as cli_main
 from tpo_data.cli_argilla import reviews_path
 from tpo_data.curation import (
     apply_reviews,
@@ -373,7 +373,7 @@ def test_wrong_key_is_a_clear_error_without_the_key(monkeypatch, capsys, tmp_pat
         connect()
     assert wrong not in str(err.value) and "401" in str(err.value)
     store = make_store(tmp_path)
-    assert cli_main(["argilla", "push", "iter-1", "--store", str(store.root)]) == 1
+    assert cli_main(["argilla", "push", "iter-1", "--store", str(store.root)]) == 2
     out = capsys.readouterr()
     assert "refused the API key" in out.err and wrong not in out.out + out.err
 
@@ -389,7 +389,7 @@ def test_unreachable_server_is_a_clear_error(monkeypatch, capsys, tmp_path):
         connect()
     assert "argilla-server.sh start" in err.value.fix
     store = make_store(tmp_path)
-    assert cli_main(["argilla", "push", "iter-1", "--store", str(store.root)]) == 1
+    assert cli_main(["argilla", "push", "iter-1", "--store", str(store.root)]) == 2
     assert "cannot reach Argilla" in capsys.readouterr().err
 
 

@@ -238,7 +238,7 @@ def test_two_iterations_round_trip(backend: Backend, store: LocalStore, module_t
                 backend,
                 [
                     "-m",
-                    "tpo_data.cli_store",
+                    "tpo_data.cli",
                     "publish",
                     version,
                     "--store",
@@ -283,7 +283,7 @@ def test_two_iterations_round_trip(backend: Backend, store: LocalStore, module_t
             assert sorted(set(got["files"]) - {".gitattributes"}) == sorted(local_hashes)
 
         listed = run_client(
-            backend, ["-m", "tpo_data.cli_store", "versions", "--repo", repo, "--json"]
+            backend, ["-m", "tpo_data.cli", "versions", "--repo", repo, "--json"]
         )
         versions = {m["tag"]: m for m in json.loads(listed.stdout)}
         for version, tag in tags.items():
@@ -291,10 +291,10 @@ def test_two_iterations_round_trip(backend: Backend, store: LocalStore, module_t
             assert versions[tag]["iteration"] == int(version.split("-")[1])
             assert versions[tag]["manifest_sha256"] == tree_hashes(store.path(version))[MANIFEST]
         assert versions[tags["iter-2"]]["parent_version"] == "iter-1"
-        table = run_client(backend, ["-m", "tpo_data.cli_store", "versions", "--repo", repo]).stdout
+        table = run_client(backend, ["-m", "tpo_data.cli", "versions", "--repo", repo]).stdout
         assert tags["iter-1"] in table and commits["iter-2"][:8] in table
         shown = run_client(
-            backend, ["-m", "tpo_data.cli_store", "show", tags["iter-2"], "--repo", repo]
+            backend, ["-m", "tpo_data.cli", "show", tags["iter-2"], "--repo", repo]
         ).stdout
         assert "parse_rate" in shown and "outputs/models/iter-1" in shown
     finally:
@@ -467,7 +467,7 @@ def test_missing_token_is_a_clear_error(
         [
             sys.executable,
             "-m",
-            "tpo_data.cli_store",
+            "tpo_data.cli",
             "publish",
             "iter-1",
             "--store",

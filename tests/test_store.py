@@ -19,7 +19,7 @@ import yaml
 
 from tpo_data import secrets
 from tpo_data.card import compute_stats, data_file_path
-from tpo_data.cli_store import main as cli_main
+from tpo_data.cli import main as cli_main
 from tpo_data.errors import TPODataError
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
 
@@ -410,7 +410,7 @@ def test_cli_versions_and_show_local(built: LocalStore, capsys: pytest.CaptureFi
 
 def test_cli_help_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tpo_data.cli_store", "publish", "--help"],
+        [sys.executable, "-m", "tpo_data.cli", "publish", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,15 +11,28 @@ import logging
 import sys
 from collections.abc import Callable
 
-from tpo_data import cli_store
+from tpo_data import cli_argilla, cli_store
 from tpo_data.errors import TPODataError
 
 
-def setup_logging() -> None:
+def setup_logging(level: int = logging.INFO) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False)])
+    from tpo_data.secrets import ScrubFilter
+
+    # stderr, so stdout stays clean for --json output and pipes.
+    handler = RichHandler(show_path=False, console=Console(stderr=True))
+    handler.addFilter(ScrubFilter())  # tokens and API keys never reach a log
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler])
+
+
+def report(err: TPODataError) -> int:
+    """Print a user error (scrubbed) and return the exit status for it."""
+    from tpo_data.secrets import scrub
+
+    print(f"error: {scrub(str(err))}", file=sys.stderr)
+    return 2
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -27,14 +40,12 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except TPODataError as err:
-        from tpo_data.secrets import scrub
-
-        print(f"error: {scrub(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report(err))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tpo-data", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="Run the TPO data pipeline (same as pipelines/tpo.py).",
                          add_help=False)
@@ -42,8 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     for module in _COMMAND_MODULES:
         module.add_cli(sub)
     args, rest = parser.parse_known_args(argv)
-    setup_logging()
-    run_main(lambda: args.func(rest) if args.command == "generate" else args.func(args))
+    if rest and args.command != "generate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        status = args.func(rest) if args.command == "generate" else args.func(args)
+    except TPODataError as err:
+        return report(err)
+    return status if isinstance(status, int) else 0
 
 
 def _run_tpo(rest: list[str]) -> None:
@@ -52,4 +69,7 @@ def _run_tpo(rest: list[str]) -> None:
     tpo_main(rest)
 
 
-_COMMAND_MODULES: list = [cli_store]
+_COMMAND_MODULES: list = [cli_store, cli_argilla]
+
+if __name__ == "__main__":
+    sys.exit(main())

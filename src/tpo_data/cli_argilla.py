@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.secrets import ScrubFilter, scrub
+from tpo_data.secrets import scrub
 
 _STORE_HELP = "the local store folder that holds the version (for example outputs/store/<dataset-name>)"
 _NAME_HELP = "Argilla dataset name (default: tpo-<store folder name>-<version>)"
@@ -167,23 +164,3 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     print(f"wrote version {new}: {c['pairs_out']} of {c['pairs_in']} pairs; reviewed {c['reviewed']}, "
           f"agreement {agreement}, flipped {c['flipped_no']}, dropped {dropped}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m tpo_data.cli_argilla``."""
-    parser = argparse.ArgumentParser(prog="tpo-data", description="Review tpo-data versions in Argilla.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.addFilter(ScrubFilter())
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    try:
-        return args.func(args)
-    except TPODataError as err:
-        print(f"error: {scrub(str(err))}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

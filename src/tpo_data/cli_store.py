@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.secrets import ScrubFilter, scrub
+from tpo_data.secrets import scrub
 
 _SOURCE_HELP = (
     "read local versions from this store folder (for example outputs/store/<dataset-name>)"
@@ -226,28 +223,3 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     print(f"published {args.version} to {args.repo}: commit {commit}, tag {tag}")
     print(f'load it with: load_dataset("{args.repo}", "pairs", revision="{tag}", split="train")')
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m tpo_data.cli_store``."""
-    parser = argparse.ArgumentParser(
-        prog="tpo-data", description="Inspect and publish tpo-data dataset versions."
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log progress and retries (INFO level)"
-    )
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.addFilter(ScrubFilter())
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    try:
-        return args.func(args)
-    except TPODataError as err:
-        # Same convention as tpo_data.cli: message with its fix, exit status 2, no traceback.
-        print(f"error: {scrub(str(err))}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

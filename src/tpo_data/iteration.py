@@ -1,6 +1,10 @@
-"""One TPO iteration's data stage: instructions -> K samples -> split (-> judge, pairs).
+"""One TPO iteration's data stage: instructions -> K samples -> split -> judge -> pairs.
 
-This is the logic behind ``pipelines/tpo.py`` and ``tpo-data generate``.
+This is the logic behind ``pipelines/tpo.py`` and ``tpo-data generate``. The
+distilabel pipeline generates, splits and judges; then pairs are selected over
+the whole iteration and written, with every candidate, to the local store as
+version ``iter-N``. Rerunning a finished iteration changes nothing and prints
+its statistics again.
 """
 
 from __future__ import annotations
@@ -18,22 +22,45 @@ from tpo_data.instructions import (
     load_instructions,
     select_iteration_rows,
 )
+from tpo_data.judges import POLICY, JudgeArguments
 from tpo_data.models import resolve_model
+from tpo_data.pair_data import build_iteration_data, format_stats, to_datasets
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
-from tpo_data.prompts import load_prompt
+from tpo_data.prompts import ThoughtPrompt, load_prompt
+from tpo_data.store import MANIFEST, LocalStore, write_iteration
 
 log = logging.getLogger("tpo_data")
 
-ARGUMENT_TYPES = (InstructionArguments, EngineArguments, SamplingArguments, RunArguments)
+ARGUMENT_TYPES = (InstructionArguments, EngineArguments, SamplingArguments, RunArguments,
+                  JudgeArguments)
+STATS_FILE = "pairs_stats.json"
+
+
+def resolve_judge(judge: JudgeArguments, model_path: str) -> str | None:
+    """The judge's local model path (None without a judge), checked before any generation."""
+    if judge.judge == "none":
+        return None
+    path = model_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    if judge.judge == "reward_model":
+        from tpo_data.armorm import load_config_dict
+        from tpo_data.reward_models import detect_kind
+
+        detect_kind(path, load_config_dict(path))  # refuses a causal LM with a clear message
+    return path
 
 
 def run_generation(instructions: InstructionArguments, engine: EngineArguments,
-                   sampling: SamplingArguments, run: RunArguments) -> GenerationResult:
-    """Validate everything that can be checked cheaply, then generate (resuming if needed)."""
+                   sampling: SamplingArguments, run: RunArguments,
+                   judge: JudgeArguments | None = None) -> GenerationResult:
+    """Validate everything that can be checked cheaply, then generate and judge (resuming if needed)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    judge = judge or JudgeArguments(judge="none")
+    if judge.judge != "none":
+        require_pairs_possible(sampling)
     prompt = load_prompt(run.thought_prompt)
     model_path = str(resolve_model(engine.model))
+    judge_path = resolve_judge(judge, model_path)
     rows = load_instructions(instructions)
     out_dir = run.iteration_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,9 +76,10 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
 
     (out_dir / "run_config.json").write_text(json.dumps({
         "instructions": asdict(instructions), "engine": asdict(engine),
-        "sampling": asdict(sampling), "run": asdict(run), "model_path": model_path,
+        "sampling": asdict(sampling), "run": asdict(run), "judge": asdict(judge),
+        "model_path": model_path, "judge_path": judge_path,
     }, indent=2, default=str))
-    return generate_samples(rows, prompt, engine, sampling, run, model_path)
+    return generate_samples(rows, prompt, engine, sampling, run, model_path, judge, judge_path)
 
 
 def summarize_generation(result: GenerationResult) -> str:
@@ -71,12 +99,46 @@ def require_pairs_possible(sampling: SamplingArguments) -> None:
         )
 
 
+def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineArguments,
+                sampling: SamplingArguments, run: RunArguments, judge: JudgeArguments) -> dict:
+    """Select pairs over the iteration and write version ``iter-N``; return the run statistics.
+
+    A version that already exists is never rewritten: its saved statistics are returned.
+    """
+    store = LocalStore(run.store_dir())
+    version = f"iter-{run.iteration}"
+    stats_path = run.iteration_dir() / STATS_FILE
+    if (store.root / version / MANIFEST).is_file() and stats_path.is_file():
+        log.info("Version %s already exists in %s; nothing to write", version, store.root)
+        return json.loads(stats_path.read_text())
+    data = build_iteration_data(result.rows, prompt, judge, run.iteration)
+    if not (store.root / version / MANIFEST).is_file():
+        pairs, candidates = to_datasets(data)
+        config_path = run.iteration_dir() / "run_config.json"
+        pipeline_yaml = run.iteration_dir() / "pipeline.yaml"
+        write_iteration(
+            store, version, pairs=pairs, candidates=candidates, iteration=run.iteration,
+            parent_model=engine.model, recipe=json.loads(config_path.read_text()),
+            seed=sampling.seed,
+            instruction_slice={"iteration": run.iteration, "ids": [r["id"] for r in result.rows]},
+            pipeline_yaml=pipeline_yaml.read_text() if pipeline_yaml.is_file() else None,
+            parent_version=f"iter-{run.iteration - 1}" if run.iteration > 1 else None,
+        )
+    data.stats["store"] = str(store.root / version)
+    stats_path.write_text(json.dumps(data.stats, indent=2, default=str))
+    return data.stats
+
+
 def main(argv: list[str] | None = None) -> GenerationResult:
     """Parse ``--config recipe.yaml`` plus CLI overrides (TRL style) and run the stage."""
     from trl import TrlParser
 
     parser = TrlParser(ARGUMENT_TYPES)
-    instructions, engine, sampling, run = parser.parse_args_and_config(argv)
-    result = run_generation(instructions, engine, sampling, run)
+    instructions, engine, sampling, run, judge = parser.parse_args_and_config(argv)
+    result = run_generation(instructions, engine, sampling, run, judge)
     print(summarize_generation(result))
+    if judge.judge != "none":
+        stats = write_pairs(result, load_prompt(run.thought_prompt), engine, sampling, run, judge)
+        print(format_stats(stats))
+        print(f"Dataset: {stats['store']} (configs pairs, candidates)")
     return result

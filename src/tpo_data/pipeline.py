@@ -1,7 +1,9 @@
 """Build and run the TPO distilabel pipeline for one iteration.
 
-The run keeps a ledger of finished instructions (``generations.jsonl``). Each
-pass runs the distilabel pipeline over the instructions not yet finished:
+``load >> generate >> split >> judge >> checkpoint`` (no judge with ``--judge none``).
+The run keeps a ledger of finished (generated and judged) instructions
+(``generations.jsonl``). Each pass runs the distilabel pipeline over the
+instructions not yet finished:
 - every finished batch is checkpointed by the last step (see ``tpo_data.steps``
   for why distilabel's own cache is not enough after a SIGKILL); a killed run's
   next pass starts after the last finished batch, at the same batch boundaries,
@@ -12,10 +14,13 @@ pass runs the distilabel pipeline over the instructions not yet finished:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +28,14 @@ from typing import Any
 
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
 from tpo_data.errors import TPODataError
+from tpo_data.judges import (
+    GroupRewardJudge,
+    JudgeArguments,
+    PairwiseJudge,
+    judge_engine_args,
+    judge_sampling,
+)
 from tpo_data.prompts import ThoughtPrompt
-from tpo_data.steps import KEEP
 
 log = logging.getLogger("tpo_data")
 
@@ -48,9 +59,17 @@ class RunArguments:
                   "storage on a Ray cluster."},
     )
     use_ray: bool = field(default=False, metadata={"help": "Run the pipeline with pipeline.ray()."})
+    store: str | None = field(
+        default=None,
+        metadata={"help": "Local dataset store the iteration is written to as version iter-N "
+                  "(default: <output_dir>/store)."},
+    )
 
     def iteration_dir(self) -> Path:
         return Path(self.output_dir) / f"iter-{self.iteration}"
+
+    def store_dir(self) -> Path:
+        return Path(self.store) if self.store else Path(self.output_dir) / "store"
 
 
 def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
@@ -76,12 +95,16 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
 
 def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
                    num_samples: int, input_batch_size: int, cache_dir: Path,
-                   checkpoint_dir: Path | None = None):
-    """``load >> generate >> split``; later stages (judge, pairs) attach after ``split``."""
+                   checkpoint_dir: Path | None = None, judge: Callable[[], Any] | None = None):
+    """``load >> generate >> split [>> judge] [>> checkpoint]``.
+
+    ``judge`` builds the judge step (it must be created inside the pipeline);
+    without ``checkpoint_dir`` (benchmarks) nothing is checkpointed.
+    """
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
 
-    from tpo_data.steps import SplitThoughts, ThoughtGeneration
+    from tpo_data.steps import CheckpointRows, SplitThoughts, ThoughtGeneration
 
     with Pipeline(name=name, cache_dir=cache_dir) as pipeline:
         load = LoadDataFromDicts(name="load", data=rows, batch_size=input_batch_size)
@@ -92,10 +115,80 @@ def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
         split = SplitThoughts(
             name="split", separator=prompt.separator, thought_marker=prompt.thought_marker,
             input_batch_size=input_batch_size,
-            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         )
-        load >> generate >> split
+        steps = [load, generate, split]
+        if judge:
+            steps.append(judge())
+        if checkpoint_dir:
+            steps.append(CheckpointRows(
+                name="checkpoint", checkpoint_dir=str(checkpoint_dir), judged=judge is not None,
+                input_batch_size=input_batch_size,
+            ))
+        for upstream, downstream in zip(steps, steps[1:]):
+            upstream >> downstream
     return pipeline
+
+
+def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArguments,
+                   sampling: SamplingArguments, model_path: str, policy: tuple[str | None, str | None],
+                   batch_size: int, out_dir: Path, stack: ExitStack) -> Callable[[], Any]:
+    """What builds the judge step, after starting the judge's endpoint when it needs its own."""
+    if judge.judge == "reward_model":
+        return functools.partial(GroupRewardJudge, name="judge", model=judge_path,
+                                 input_batch_size=batch_size)
+    args, reuse = judge_engine_args(judge, engine, same_model=judge_path == model_path)
+    jsampling = judge_sampling(judge, sampling)
+    base_url, served = policy if reuse else _endpoint(
+        args, judge_path, jsampling, out_dir, stack, "vllm-judge-server.log"
+    )
+    llm = build_llm(args, jsampling, judge_path, base_url, served)
+    return functools.partial(PairwiseJudge, name="judge", llm=llm, mode=judge.judge_mode,
+                             input_batch_size=batch_size)
+
+
+def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
+                  log_level: int) -> None:
+    """Child-process entry point: build the distilabel pipeline and run it."""
+    from tpo_data.cli import setup_logging
+
+    # A spawned interpreter starts without the caller's logging; distilabel's
+    # progress should show all the same.
+    setup_logging(log_level)
+    pipeline = build()
+    # Kept for the dataset card; the serialized pipeline holds no API keys.
+    pipeline.save(yaml_path, format="yaml")
+    if use_ray:
+        pipeline = pipeline.ray()
+    pipeline.run(use_cache=True)
+
+
+def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> None:
+    """Run a distilabel pipeline from a newly spawned interpreter.
+
+    distilabel forks its step workers from the calling process. Once that process
+    has run multi-threaded torch ops (training in ``tpo-data iterate``, a test
+    session, a notebook), a forked worker deadlocks in its first multi-threaded
+    op, because OpenMP is not fork-safe. A spawned process has no such state.
+    Results come back through the batch checkpoints, not through memory.
+    """
+    process = multiprocessing.get_context("spawn").Process(
+        # distilabel collects its workers' logs only in a process named MainProcess.
+        name="MainProcess",
+        target=_run_pipeline,
+        args=(build, use_ray, yaml_path, logging.getLogger().getEffectiveLevel()),
+    )
+    process.start()
+    try:
+        process.join()
+    except KeyboardInterrupt:  # Ctrl+C reaches the child too; let it stop cleanly.
+        process.join()
+        raise
+    if process.exitcode != 0:
+        raise TPODataError(
+            f"The distilabel pipeline process exited with code {process.exitcode}; its error "
+            "is printed above.",
+            "Fix the cause shown above and rerun the same command: finished batches are kept.",
+        )
 
 
 def _pass_name(iteration: int, ids: list[str]) -> str:
@@ -122,10 +215,13 @@ class GenerationLedger:
                     row = json.loads(line)
                     self.rows[row["id"]] = row
 
-    def add(self, rows: list[dict], order: list[str]) -> None:
-        """Add finished rows and rewrite the ledger in ``order`` (the slice's order)."""
-        for row in rows:
-            self.rows[row["id"]] = row
+    def finished(self, id_: str, judged: bool) -> bool:
+        """Whether ``id_`` is done; a row generated without a judge is not, when judging."""
+        row = self.rows.get(id_)
+        return row is not None and (not judged or isinstance(row.get("scores"), list))
+
+    def save(self, order: list[str]) -> None:
+        """Fold checkpoints into the ledger file, rows in ``order`` (the slice's order)."""
         rank = {id_: i for i, id_ in enumerate(order)}
         self.rows = dict(sorted(self.rows.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         tmp = self.path.with_suffix(".tmp")
@@ -154,12 +250,14 @@ class GenerationResult:
 
 
 def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArguments,
-                     sampling: SamplingArguments, run: RunArguments,
-                     model_path: str) -> GenerationResult:
-    """Generate and split K samples for every row, resuming whatever is already done."""
+                     sampling: SamplingArguments, run: RunArguments, model_path: str,
+                     judge: JudgeArguments | None = None,
+                     judge_path: str | None = None) -> GenerationResult:
+    """Generate, split and judge K samples for every row, resuming whatever is already done."""
     out_dir = run.iteration_dir()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
-    pending = [r for r in rows if r["id"] not in ledger.rows]
+    judged = judge is not None and judge.judge != "none"
+    pending = [r for r in rows if not ledger.finished(r["id"], judged)]
     cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
     if pending:
         log.info("Generating %d samples for each of %d instructions (%d already done)",
@@ -167,23 +265,26 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
         with ExitStack() as stack:
             base_url, served = _endpoint(engine, model_path, sampling, out_dir, stack)
             llm = build_llm(engine, sampling, model_path, base_url, served)
-            pipeline = build_pipeline(
-                _pass_name(run.iteration, [r["id"] for r in pending]), pending, prompt, llm,
-                sampling.num_samples, run.input_batch_size, cache_dir, ledger.checkpoints,
+            judge_step = _judge_factory(
+                judge, judge_path or model_path, engine, sampling, model_path, (base_url, served),
+                run.input_batch_size, out_dir, stack,
+            ) if judged else None
+            build = functools.partial(
+                build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending]), pending,
+                prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
+                ledger.checkpoints, judge_step,
             )
-            if run.use_ray:
-                pipeline = pipeline.ray()
-            distiset = pipeline.run(use_cache=True)
-        produced = list(distiset["default"]["train"]) if distiset else []
-        ok = [{k: r.get(k) for k in KEEP} for r in produced if r.get("engine_ok")]
-        ledger.add(ok, [r["id"] for r in rows])
-        missing = [r["id"] for r in pending if r["id"] not in ledger.rows]
+            run_in_fresh_process(build, run.use_ray, out_dir / "pipeline.yaml")
+        # The pass's finished rows are in its checkpoints; fold them into the ledger.
+        ledger = GenerationLedger(ledger.path)
+        ledger.save([r["id"] for r in rows])
+        missing = [r["id"] for r in pending if not ledger.finished(r["id"], judged)]
         if missing:
             where = engine.base_url or engine.engine
             raise TPODataError(
-                f"The engine ({where}) returned no output for {len(missing)} of {len(pending)} "
-                f"instructions (first: {', '.join(missing[:3])}); the server is down, died, or "
-                f"timed out. The {len(ledger.rows)} finished instructions are saved in "
+                f"The engine ({where}) or the judge returned no output for {len(missing)} of "
+                f"{len(pending)} instructions (first: {', '.join(missing[:3])}); a server is down, "
+                f"died, or timed out. The {len(ledger.rows)} finished instructions are saved in "
                 f"{ledger.path}.",
                 "Check the engine (for vLLM: its log in the iteration folder), then rerun the "
                 "same command: only the missing instructions are generated again.",
@@ -195,7 +296,8 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
 
 
 def _endpoint(engine: EngineArguments, model_path: str, sampling: SamplingArguments,
-              out_dir: Path, stack: ExitStack) -> tuple[str | None, str | None]:
+              out_dir: Path, stack: ExitStack,
+              log_name: str = "vllm-server.log") -> tuple[str | None, str | None]:
     """Start vLLM when asked to, and check any endpoint before the pipeline starts."""
     from tpo_data.vllm_server import VLLMServer, check_endpoint
 
@@ -208,7 +310,7 @@ def _endpoint(engine: EngineArguments, model_path: str, sampling: SamplingArgume
             dtype="bfloat16" if engine.dtype == "auto" else engine.dtype,
             kvcache_gb=engine.vllm_kvcache_gb, max_model_len=engine.vllm_max_model_len,
             seed=sampling.seed, startup_timeout=engine.vllm_startup_timeout,
-            log_path=out_dir / "vllm-server.log",
+            log_path=out_dir / log_name,
         )
         log.info("Starting vLLM on port %d (log: %s)", server.port, server.log_path)
         stack.enter_context(server)

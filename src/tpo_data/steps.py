@@ -1,4 +1,4 @@
-"""distilabel steps of the TPO pipeline: ``load >> generate >> split``.
+"""distilabel steps of the TPO pipeline: ``load >> generate >> split [>> judge] >> checkpoint``.
 
 ``ThoughtGeneration`` wraps each instruction in the thought prompt and asks the
 engine for K samples in one call; ``SplitThoughts`` splits every sample into
@@ -7,20 +7,19 @@ thought and response. A batch the engine failed on arrives here with
 it is marked ``engine_ok = False`` so the runner can report and retry it,
 never mistaking it for a parse failure.
 
-``SplitThoughts`` also checkpoints every finished batch (atomically, one file
-per batch) when given a ``checkpoint_dir``. distilabel's cache cannot resume a
-run killed with SIGKILL: the batch that was in a step's input queue is lost
-while the batch manager counts it as sent, and the resumed run waits for it
-forever (upstream issue argilla-io/distilabel#1065). The checkpoints let the
-runner resume from the last finished batch instead.
+``CheckpointRows``, the last step, checkpoints every finished batch
+(atomically, one file per batch), so checkpoints hold judged rows.
+distilabel's cache cannot resume a run killed with SIGKILL: the batch that
+was in a step's input queue is lost while the batch manager counts it as
+sent, and the resumed run waits for it forever (upstream issue
+argilla-io/distilabel#1065). The checkpoints let the runner resume from the
+last finished batch instead.
 """
 
 import hashlib
 import json
 import os
 from pathlib import Path
-
-
 from typing import TYPE_CHECKING, Any
 
 from distilabel.mixins.signature import _EXCLUDE_FROM_SIGNATURE_DEFAULTS
@@ -66,7 +65,16 @@ class ThoughtGeneration(Task):
 
 # The columns a finished row keeps in checkpoints and the iteration ledger.
 KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
-        "model_name")
+        "model_name", "scores", "judge_calls", "judge_unparsable")
+
+
+def is_finished(row: dict, judged: bool) -> bool:
+    """Whether a row came through every step: generated and, when judging, scored.
+
+    A batch that failed in the engine or the judge arrives with its outputs
+    imputed as None; such rows are retried by the next run.
+    """
+    return bool(row.get("engine_ok")) and (not judged or isinstance(row.get("scores"), list))
 
 
 def write_checkpoint(directory: str | Path, rows: list[dict]) -> None:
@@ -90,7 +98,6 @@ class SplitThoughts(Step):
 
     separator: str | None = None
     thought_marker: str | None = None
-    checkpoint_dir: str | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -111,6 +118,19 @@ class SplitThoughts(Step):
             row["thoughts"] = [s.thought for s in splits]
             row["responses"] = [s.response for s in splits]
             row["parsed"] = [s.parsed for s in splits]
-        if self.checkpoint_dir:
-            write_checkpoint(self.checkpoint_dir, [r for r in inputs if r["engine_ok"]])
+        yield inputs
+
+
+class CheckpointRows(Step):
+    """Last step: write the batch's finished rows to ``checkpoint_dir``, pass everything on."""
+
+    checkpoint_dir: str
+    judged: bool = False
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["id"]
+
+    def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
+        write_checkpoint(self.checkpoint_dir, [r for r in inputs if is_finished(r, self.judged)])
         yield inputs

@@ -1,0 +1,190 @@
+"""From judged samples to the iteration's datasets (docs/SCHEMA.md) and statistics.
+
+After the pipeline, over all instructions of the iteration: pick rho (fixed,
+or ``scoring.auto_rho``), select one pair per instruction with
+``pairs.select_pairs`` (length control, parse failures as rejected, drops
+with reasons), then lay out
+
+- ``pairs``: TRL conversational preference rows. ``prompt`` is what the
+  policy saw (thought prompt + instruction), chosen/rejected hold the full
+  raw generation (thought + separator + response), so DPO trains the thought
+  too (METHOD.md 1.6);
+- ``candidates``: every sample with its split, raw and normalized score;
+- run statistics for the log and the store.
+
+A sample's length is its response length in characters; a parse failure has
+no response, so its whole raw output counts: that is what a reader sees, and
+a zero length would make failures look short to ``auto_rho``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tpo_data.errors import TPODataError
+from tpo_data.judges import JudgeArguments
+from tpo_data.pairs import select_pairs, summarize
+from tpo_data.prompts import ThoughtPrompt
+from tpo_data.scoring import auto_rho, check_finite, length_controlled
+
+if TYPE_CHECKING:
+    import datasets
+
+
+@dataclass
+class IterationData:
+    pairs: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+
+def sample_lengths(row: dict) -> list[int]:
+    """Characters of each sample's response (of the raw output for a parse failure)."""
+    return [len(response) if ok else len(generation)
+            for generation, response, ok in zip(row["generation"], row["responses"], row["parsed"])]
+
+
+def _scores(row: dict) -> list[float]:
+    # None (parse failure, no score) becomes NaN; select_pair ignores unparsed entries.
+    return [math.nan if s is None else float(s) for s in row["scores"]]
+
+
+def _finite_or_none(score: float | None) -> float | None:
+    # A NaN score (judge failure) is stored as null: no usable score, like a parse failure.
+    return score if score is not None and math.isfinite(score) else None
+
+
+def _norm_scores(row: dict, rho: float) -> list[float | None]:
+    """Length-controlled s of the parsed samples (None when not computable)."""
+    valid = [i for i, ok in enumerate(row["parsed"]) if ok]
+    values = [_scores(row)[i] for i in valid]
+    norm: list[float | None] = [None] * len(row["parsed"])
+    if valid and check_finite(values).all():
+        lengths = sample_lengths(row)
+        for i, s in zip(valid, length_controlled(values, [lengths[i] for i in valid], rho)):
+            norm[i] = float(s)
+    return norm
+
+
+def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeArguments,
+                         iteration: int) -> IterationData:
+    """Pairs, candidates and statistics for judged ledger rows (one row per instruction)."""
+    unjudged = [row["id"] for row in rows if not isinstance(row.get("scores"), list)]
+    if unjudged:
+        raise TPODataError(
+            f"{len(unjudged)} instruction(s) have no judge scores (first: {unjudged[0]}).",
+            "Rerun the iteration with a judge (--judge pairwise or reward_model); only the "
+            "unjudged instructions are processed again.",
+        )
+    groups = [(_scores(r), sample_lengths(r), r["parsed"]) for r in rows]
+    fixed = judge.rho_value()
+    auto = None if fixed is not None else auto_rho(groups)
+    rho = fixed if auto is None else auto.rho
+    selection = select_pairs(groups, rho, reject_parse_failures=judge.reject_parse_failures)
+
+    pairs = []
+    for index, choice in selection.pairs:
+        row = rows[index]
+        c, r = choice.chosen, choice.rejected
+        pairs.append({
+            "prompt": prompt.messages(row["instruction"]),
+            "chosen": [{"role": "assistant", "content": row["generation"][c]}],
+            "rejected": [{"role": "assistant", "content": row["generation"][r]}],
+            "instruction_id": row["id"],
+            "instruction": row["instruction"],
+            "category": row["category"],
+            "chosen_thought": row["thoughts"][c],
+            "chosen_response": row["responses"][c],
+            "rejected_thought": row["thoughts"][r],
+            "rejected_response": row["responses"][r],
+            "chosen_score": choice.chosen_score,
+            "rejected_score": choice.rejected_score,
+            "chosen_length": choice.chosen_length,
+            "rejected_length": choice.rejected_length,
+            "score_gap": choice.score_gap,
+            "rho": rho,
+            "iteration": iteration,
+        })
+
+    candidates = []
+    for row in rows:
+        lengths, norm = sample_lengths(row), _norm_scores(row, rho)
+        for k, generation in enumerate(row["generation"]):
+            candidates.append({
+                "instruction_id": row["id"],
+                "instruction": row["instruction"],
+                "category": row["category"],
+                "sample_index": k,
+                "generation": generation,
+                "thought": row["thoughts"][k],
+                "response": row["responses"][k],
+                "parsed": bool(row["parsed"][k]),
+                "score": _finite_or_none(row["scores"][k]),
+                "length": lengths[k],
+                "norm_score": norm[k],
+                "iteration": iteration,
+            })
+
+    stats = summarize(selection)
+    stats.update({
+        "rho_mode": "auto" if auto else "fixed",
+        "rho_auto_satisfied": auto.satisfied if auto else None,
+        "judge": judge.judge,
+        "judge_mode": judge.judge_mode if judge.judge == "pairwise" else None,
+        "judge_calls": sum(r.get("judge_calls") or 0 for r in rows),
+        "judge_unparsable": sum(r.get("judge_unparsable") or 0 for r in rows),
+    })
+    return IterationData(pairs, candidates, stats)
+
+
+def _features() -> tuple[datasets.Features, datasets.Features]:
+    from datasets import Features, List, Value
+
+    message = List({"role": Value("string"), "content": Value("string")})
+    pairs = Features({
+        "prompt": message, "chosen": message, "rejected": message,
+        **{k: Value("string") for k in ("instruction_id", "instruction", "category", "chosen_thought",
+                                        "chosen_response", "rejected_thought", "rejected_response")},
+        **{k: Value("float64") for k in ("chosen_score", "rejected_score")},
+        **{k: Value("int64") for k in ("chosen_length", "rejected_length")},
+        "score_gap": Value("float64"), "rho": Value("float64"), "iteration": Value("int64"),
+    })
+    candidates = Features({
+        **{k: Value("string") for k in ("instruction_id", "instruction", "category")},
+        "sample_index": Value("int64"),
+        **{k: Value("string") for k in ("generation", "thought", "response")},
+        "parsed": Value("bool"), "score": Value("float64"), "length": Value("int64"),
+        "norm_score": Value("float64"), "iteration": Value("int64"),
+    })
+    return pairs, candidates
+
+
+def to_datasets(data: IterationData) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``pairs`` and ``candidates`` with a fixed schema (also when no pair was kept)."""
+    from datasets import Dataset
+
+    def table(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
+        # from_dict, not from_list: an empty list would lose the columns.
+        return Dataset.from_dict({k: [row[k] for row in rows] for k in features}, features=features)
+
+    pair_features, candidate_features = _features()
+    return table(data.pairs, pair_features), table(data.candidates, candidate_features)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The run statistics as the few lines ``main`` prints last."""
+    drops = ", ".join(f"{k}={v}" for k, v in stats["drops"].items() if v) or "none"
+    rho = f"{stats['rho']:g} ({stats['rho_mode']}"
+    if stats["rho_mode"] == "auto" and not stats["rho_auto_satisfied"]:
+        rho += ", chosen still longer on average at the maximum" if stats["pairs_kept"] else ", no pair"
+    judge = stats["judge"] + (f" ({stats['judge_mode']})" if stats.get("judge_mode") else "")
+    return (
+        f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable\n"
+        f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
+        f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"
+        f"Rejected parse failures: {stats['rejected_parse_failures']}; rho: {rho})\n"
+        f"Mean response length: chosen {stats['mean_chosen_length']:.1f}, "
+        f"rejected {stats['mean_rejected_length']:.1f} characters"
+    )
