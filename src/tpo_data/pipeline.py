@@ -162,14 +162,15 @@ def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
     pipeline.run(use_cache=True)
 
 
-def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> None:
+def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> int:
     """Run a distilabel pipeline from a newly spawned interpreter.
 
     distilabel forks its step workers from the calling process. Once that process
     has run multi-threaded torch ops (training in ``tpo-data iterate``, a test
     session, a notebook), a forked worker deadlocks in its first multi-threaded
     op, because OpenMP is not fork-safe. A spawned process has no such state.
-    Results come back through the batch checkpoints, not through memory.
+    Results come back through the batch checkpoints, not through memory; the
+    exit code is returned for the caller to judge against them.
     """
     process = multiprocessing.get_context("spawn").Process(
         # distilabel collects its workers' logs only in a process named MainProcess.
@@ -183,12 +184,7 @@ def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Pat
     except KeyboardInterrupt:  # Ctrl+C reaches the child too; let it stop cleanly.
         process.join()
         raise
-    if process.exitcode != 0:
-        raise TPODataError(
-            f"The distilabel pipeline process exited with code {process.exitcode}; its error "
-            "is printed above.",
-            "Fix the cause shown above and rerun the same command: finished batches are kept.",
-        )
+    return process.exitcode
 
 
 def _pass_name(iteration: int, ids: list[str]) -> str:
@@ -274,7 +270,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
                 prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
                 ledger.checkpoints, judge_step,
             )
-            run_in_fresh_process(build, run.use_ray, out_dir / "pipeline.yaml")
+            exitcode = run_in_fresh_process(build, run.use_ray, out_dir / "pipeline.yaml")
         # The pass's finished rows are in its checkpoints; fold them into the ledger.
         ledger = GenerationLedger(ledger.path)
         ledger.save([r["id"] for r in rows])
@@ -288,6 +284,12 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
                 f"{ledger.path}.",
                 "Check the engine (for vLLM: its log in the iteration folder), then rerun the "
                 "same command: only the missing instructions are generated again.",
+            )
+        if exitcode != 0:
+            raise TPODataError(
+                f"The distilabel pipeline process exited with code {exitcode} after finishing "
+                "every instruction; its error is printed above.",
+                "Fix the cause shown above and rerun the same command: nothing is generated again.",
             )
     ordered = [ledger.rows[r["id"]] for r in rows]
     samples = sum(len(r["parsed"]) for r in ordered)

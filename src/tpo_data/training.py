@@ -1,0 +1,602 @@
+"""Train M_t from M_{t-1} with DPO on one iteration's pairs (METHOD.md 1.7), with TRL's DPOTrainer.
+
+``trainers/dpo.py`` (and ``tpo-data train``) parse three dataclasses with
+``trl.TrlParser``: :class:`TrainArguments` (where the data and the parent model
+come from), ``trl.DPOConfig`` and ``trl.ModelConfig``, so a YAML recipe
+(``--config``) and every DPOConfig option work as in TRL's own scripts.
+
+Data: the ``pairs`` config of a local store version (``--dataset_store`` +
+``--dataset_version``) or of a tagged Hub revision (``--dataset_repo`` +
+``--dataset_revision``). Held-out pairs for the eval loss (and best-checkpoint
+selection) come from another version (``--eval_version``) or a seeded fraction
+of the training pairs (``--eval_split``). The paper picks its best checkpoint by
+judged win rate on held-out prompts; the DPO loss on held-out pairs is our
+cheaper stand-in for that choice.
+
+Defaults that differ from TRL's: the parent model is the one named in the
+dataset's manifest; reference log-probs are precomputed once (the reference
+forward pass then runs once per pair instead of once per pair per epoch, and no
+reference model stays in memory); without CUDA, training runs on the CPU in
+fp32 without gradient checkpointing; logs go to trackio (local files) when it
+is installed. ``--irpo_alpha A`` adds the NLL term of IRPO (DPO + A * NLL on
+the chosen completion) through TRL's loss list.
+
+Output (``--output_dir``): the model and tokenizer, ``README.md`` (a model card
+naming the dataset version, the parent model, the settings and the final
+metrics), ``lineage.json``, ``train_results.json``/``eval_results.json`` and
+``trainer_state.json``. Only the main process writes these files, so the same
+command works under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tpo_data.errors import TPODataError
+from tpo_data.models import EMBEDDED, EMBEDDED_HUB_ID, resolve_model
+from tpo_data.secrets import scrub
+from tpo_data.store import library_versions
+
+if TYPE_CHECKING:
+    import datasets
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+log = logging.getLogger(__name__)
+
+PAIRS = "pairs"
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+LINEAGE = "lineage.json"
+CARD = "README.md"
+
+
+@dataclass
+class TrainArguments:
+    """Where the pairs and the parent model come from (the rest is ``trl.DPOConfig``)."""
+
+    dataset_store: str | None = field(
+        default=None,
+        metadata={"help": "Local store folder holding the dataset versions (for example "
+                  "outputs/tpo-smollm2/store). Use with --dataset_version."},
+    )
+    dataset_version: str | None = field(
+        default=None, metadata={"help": "Version in --dataset_store to train on, for example iter-2."}
+    )
+    dataset_repo: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset repo (user/name) to train on instead of a local store. "
+                  "Use with --dataset_revision."},
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Tag, branch or commit of --dataset_repo, for example iter-2."}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model to train: a local folder, 'embedded' (SmolLM2-135M-Instruct) or a Hub "
+                  "id in the local cache. Default: the parent model named in the dataset's manifest. "
+                  "--model_name_or_path is accepted as well."},
+    )
+    eval_version: str | None = field(
+        default=None,
+        metadata={"help": "Version (store) or revision (Hub) whose pairs are held out for the eval "
+                  "loss and best-checkpoint selection."},
+    )
+    eval_split: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of the training pairs held out for the eval loss instead of "
+                  "--eval_version (split with --seed). 0 disables it."},
+    )
+    irpo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the NLL term on chosen completions (DPO+NLL, IRPO). Maps to "
+                  "loss_type=[..., 'sft'] and loss_weights=[..., irpo_alpha]. 0 disables it."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir: old checkpoint-* folders are deleted "
+                  "and the model files are replaced."},
+    )
+
+
+@dataclass
+class DataSource:
+    """One resolved dataset version: its description for the card and lineage, and its manifest."""
+
+    lineage: dict[str, Any]
+    label: str
+    manifest: dict[str, Any]
+
+
+def trackio_available() -> bool:
+    return importlib.util.find_spec("trackio") is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_parser() -> TrlParser:
+    """TrlParser over (TrainArguments, DPOConfig, ModelConfig) with tpo-data's defaults.
+
+    The defaults are set on the parser, so a recipe (``--config``) and the command
+    line still override every one of them.
+    """
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    parser = TrlParser((TrainArguments, DPOConfig, ModelConfig))
+    defaults: dict[str, Any] = {
+        "precompute_ref_log_probs": True,
+        "report_to": "trackio" if trackio_available() else "none",
+        "project": "tpo-data",
+    }
+    if not cuda_available():
+        # DPOConfig defaults to bf16 and refuses it without a GPU; gradient
+        # checkpointing only trades speed for memory, which a CPU run has plenty of.
+        defaults.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainArguments, DPOConfig, ModelConfig]:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        args=None if argv is None else list(argv)
+    )
+    return script_args, training_args, model_args
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def _check_source(args: TrainArguments) -> str:
+    local = args.dataset_store is not None or args.dataset_version is not None
+    hub = args.dataset_repo is not None or args.dataset_revision is not None
+    if local and hub:
+        raise TPODataError(
+            "both a local store (--dataset_store/--dataset_version) and a Hub repo "
+            "(--dataset_repo/--dataset_revision) were given",
+            "train on one of them: drop either the --dataset_store/--dataset_version pair "
+            "or the --dataset_repo/--dataset_revision pair",
+        )
+    if local and (args.dataset_store is None or args.dataset_version is None):
+        raise TPODataError(
+            "a local dataset needs both --dataset_store and --dataset_version",
+            "pass both, for example --dataset_store outputs/tpo-smollm2/store "
+            "--dataset_version iter-1 (`tpo-data versions --store PATH` lists the versions)",
+        )
+    if hub and (args.dataset_repo is None or args.dataset_revision is None):
+        raise TPODataError(
+            "a Hub dataset needs both --dataset_repo and --dataset_revision",
+            "pass both, for example --dataset_repo user/tpo-pairs --dataset_revision iter-1 "
+            "(`tpo-data versions --repo ID` lists the published versions)",
+        )
+    if not (local or hub):
+        raise TPODataError(
+            "no dataset given",
+            "pass --dataset_store PATH --dataset_version iter-N (a local store) or "
+            "--dataset_repo ID --dataset_revision iter-N (a Hub dataset repo)",
+        )
+    return "store" if local else "hub"
+
+
+def _store_source(root: str, version: str) -> DataSource:
+    from tpo_data.store import MANIFEST, LocalStore, sha256_file
+
+    store = LocalStore(root)
+    folder = store.path(version)  # raises, listing the existing versions, if missing
+    manifest = store.manifest(version)
+    return DataSource(
+        lineage={
+            "source": "store",
+            "store": str(Path(root).resolve()),
+            "version": version,
+            "manifest_sha256": sha256_file(folder / MANIFEST),
+        },
+        label=f"{version} of local store {Path(root).resolve()}",
+        manifest=manifest,
+    )
+
+
+def _hub_tags(repo: str) -> str:
+    from huggingface_hub import HfApi
+
+    try:
+        refs = HfApi().list_repo_refs(repo, repo_type="dataset")
+    except Exception as err:  # the repo may be missing or unreachable: the listing is a courtesy
+        return f"could not list them: {type(err).__name__}"
+    return ", ".join(sorted(tag.name for tag in refs.tags)) or "none"
+
+
+def _hub_source(repo: str, revision: str) -> DataSource:
+    from huggingface_hub import HfApi
+
+    from tpo_data.hub import NoManifestError, hub_manifest
+
+    try:
+        manifest = hub_manifest(repo, revision)
+    except NoManifestError:
+        raise TPODataError(
+            f"{repo}@{revision} is not a tpo-data dataset version "
+            f"(tags in {repo}: {_hub_tags(repo)})",
+            "pass one of the tags as --dataset_revision, or check --dataset_repo "
+            f"(`tpo-data versions --repo {repo}`)",
+        ) from None
+    commit = HfApi().dataset_info(repo, revision=revision).sha
+    return DataSource(
+        lineage={
+            "source": "hub",
+            "repo": repo,
+            "revision": revision,
+            "commit": commit,
+            "manifest_sha256": manifest.get("manifest_sha256"),
+        },
+        label=f"{repo}@{revision} (commit {commit})",
+        manifest=manifest,
+    )
+
+
+def _load_pairs(kind: str, args: TrainArguments, version: str) -> datasets.Dataset:
+    from tpo_data.store import LocalStore
+
+    if kind == "store":
+        return LocalStore(args.dataset_store).load(version, PAIRS)
+    import datasets
+
+    return datasets.load_dataset(args.dataset_repo, PAIRS, revision=version, split="train")
+
+
+def _no_pairs(label: str) -> TPODataError:
+    return TPODataError(
+        f"{label} has no pairs",
+        "every instruction of that iteration tied or failed to parse; generate the "
+        "iteration again with more samples (--num_samples) or other instructions",
+    )
+
+
+def _read_pairs(kind: str, args: TrainArguments, version: str, source: DataSource) -> datasets.Dataset:
+    # datasets refuses to load an empty split, so an empty version is caught on its manifest.
+    if source.manifest.get("row_counts", {}).get(PAIRS) == 0:
+        raise _no_pairs(source.label)
+    return _check_pairs(_load_pairs(kind, args, version), source.label)
+
+
+def _check_pairs(ds: datasets.Dataset, label: str) -> datasets.Dataset:
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise TPODataError(
+            f"the pairs of {label} lack the column(s) {', '.join(missing)} "
+            f"(found: {', '.join(ds.column_names)})",
+            "train on a `pairs` config written by tpo-data (docs/SCHEMA.md), or add "
+            "prompt/chosen/rejected columns in TRL's preference format",
+        )
+    if ds.num_rows == 0:
+        raise _no_pairs(label)
+    # The side columns (scores, thoughts, ...) are for people, not for the trainer.
+    return ds.select_columns(list(REQUIRED_COLUMNS))
+
+
+def load_data(
+    args: TrainArguments, seed: int
+) -> tuple[DataSource, datasets.Dataset, datasets.Dataset | None, dict[str, Any] | None]:
+    """The training source, train pairs, held-out pairs (or None) and the held-out lineage."""
+    from accelerate import PartialState
+
+    kind = _check_source(args)
+    if args.eval_version is not None and args.eval_split:
+        raise TPODataError(
+            "both --eval_version and --eval_split were given",
+            "hold out pairs one way: another version (--eval_version) or a fraction (--eval_split)",
+        )
+    if not 0.0 <= args.eval_split < 1.0:
+        raise TPODataError(
+            f"--eval_split must be in [0, 1), got {args.eval_split}",
+            "pass a fraction such as 0.1, or 0 to hold out nothing",
+        )
+    version = args.dataset_version if kind == "store" else args.dataset_revision
+    # One process downloads and caches; the others then read the cache.
+    with PartialState().main_process_first():
+        if kind == "store":
+            source = _store_source(args.dataset_store, version)
+        else:
+            source = _hub_source(args.dataset_repo, version)
+        train = _read_pairs(kind, args, version, source)
+        eval_ds, eval_lineage = None, None
+        if args.eval_version is not None:
+            held = _store_source(args.dataset_store, args.eval_version) if kind == "store" else (
+                _hub_source(args.dataset_repo, args.eval_version))
+            eval_ds = _read_pairs(kind, args, args.eval_version, held)
+            eval_lineage = held.lineage
+    if args.eval_split:
+        n_eval = max(1, round(train.num_rows * args.eval_split))
+        if n_eval >= train.num_rows:
+            raise TPODataError(
+                f"--eval_split {args.eval_split} leaves no training pairs out of {train.num_rows}",
+                "lower --eval_split, or hold out another version with --eval_version",
+            )
+        split = train.train_test_split(test_size=n_eval, seed=seed)
+        train, eval_ds = split["train"], split["test"]
+        eval_lineage = {"split_of_training_data": args.eval_split, "seed": seed, "rows": n_eval}
+    return source, train, eval_ds, eval_lineage
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def resolve_parent(args: TrainArguments, model_args: ModelConfig, manifest: dict[str, Any]) -> str:
+    """The model name as given (command line, else the manifest's parent model)."""
+    given = {n for n in (args.model, model_args.model_name_or_path) if n is not None}
+    if len(given) > 1:
+        raise TPODataError(
+            f"--model {args.model} and --model_name_or_path {model_args.model_name_or_path} disagree",
+            "pass only one of them",
+        )
+    name = given.pop() if given else manifest.get("parent_model")
+    if not name:
+        raise TPODataError(
+            "no model given and the dataset's manifest names no parent model",
+            "pass --model PATH (or --model embedded)",
+        )
+    return str(name)
+
+
+def apply_irpo(args: TrainArguments, training_args: DPOConfig) -> None:
+    """Add IRPO's NLL term (weight ``irpo_alpha``) to the DPO loss list."""
+    if args.irpo_alpha < 0:
+        raise TPODataError(f"--irpo_alpha must be >= 0, got {args.irpo_alpha}",
+                           "pass 0 (plain DPO) or a positive weight such as 1.0")
+    if not args.irpo_alpha:
+        return
+    if "sft" in training_args.loss_type:
+        raise TPODataError(
+            "--irpo_alpha was given and loss_type already contains 'sft'",
+            "set the NLL weight one way: --irpo_alpha, or loss_type/loss_weights",
+        )
+    weights = list(training_args.loss_weights or [1.0] * len(training_args.loss_type))
+    training_args.loss_type = [*training_args.loss_type, "sft"]
+    training_args.loss_weights = [*weights, args.irpo_alpha]
+
+
+def check_output_dir(args: TrainArguments, training_args: DPOConfig) -> None:
+    """Refuse a non-empty output_dir unless resuming or told to overwrite (then drop old checkpoints)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out = Path(training_args.output_dir)
+    occupied = out.is_dir() and any(out.iterdir()) and not training_args.resume_from_checkpoint
+    state.wait_for_everyone()  # every process looks before the main one deletes anything
+    if occupied and not args.overwrite_output_dir:
+        raise TPODataError(
+            f"output directory {out} exists and is not empty",
+            "pass another --output_dir, add --overwrite_output_dir to replace its model, or "
+            "--resume_from_checkpoint to continue a run saved there",
+        )
+    if occupied and state.is_main_process:
+        # Stale checkpoints would be rotated, resumed or reported as this run's best.
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    state.wait_for_everyone()
+
+
+def check_eval_settings(training_args: DPOConfig, has_eval: bool) -> None:
+    if has_eval or training_args.eval_strategy == "no":
+        return
+    raise TPODataError(
+        f"eval_strategy is {training_args.eval_strategy.value!r} but no pairs are held out",
+        "pass --eval_split 0.1 or --eval_version VERSION, or --eval_strategy no "
+        "--load_best_model_at_end false",
+    )
+
+
+# -- outputs ------------------------------------------------------------------------------
+
+
+_SETTINGS = (
+    "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "beta",
+    "loss_type", "loss_weights", "precompute_ref_log_probs", "seed", "bf16",
+    "gradient_checkpointing", "eval_strategy", "load_best_model_at_end",
+    "metric_for_best_model",
+)
+
+
+def training_settings(training_args: DPOConfig, world_size: int) -> dict[str, Any]:
+    settings = {}
+    for name in _SETTINGS:
+        value = getattr(training_args, name)
+        settings[name] = getattr(value, "value", value)  # enums as their names
+    settings["world_size"] = world_size
+    settings["effective_batch_size"] = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * world_size
+    )
+    return settings
+
+
+def build_card(lineage: dict[str, Any], label: str) -> str:
+    """A model card: YAML front matter, then lineage, settings and metrics as tables."""
+    import yaml
+
+    header: dict[str, Any] = {
+        "library_name": "transformers",
+        "tags": ["trl", "dpo", "tpo", "tpo-data"],
+    }
+    parent = lineage["parent_model"]
+    # base_model must be a Hub id; local folders are named in the text only.
+    hub_id = EMBEDDED_HUB_ID if parent == EMBEDDED else parent
+    if hub_id.count("/") == 1 and not Path(hub_id).exists():
+        header["base_model"] = hub_id
+    if lineage["dataset"]["source"] == "hub":
+        header["datasets"] = [lineage["dataset"]["repo"]]
+
+    def table(rows: dict[str, Any]) -> str:
+        lines = ["| | |", "|---|---|"]
+        for key, value in rows.items():
+            shown = json.dumps(value) if isinstance(value, (list, dict)) else value
+            lines.append(f"| {key} | {shown} |")
+        return "\n".join(lines)
+
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in lineage["metrics"].items()}
+    eval_text = (
+        "Held-out pairs: none." if lineage["eval"] is None
+        else f"Held-out pairs: `{json.dumps(lineage['eval'])}`."
+    )
+    best = lineage.get("best_checkpoint")
+    return "\n".join([
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(lineage['output_dir']).name}",
+        "",
+        f"TPO iteration {lineage['iteration']} model (Thought Preference Optimization, "
+        "arXiv 2410.10630): the parent model trained with DPO on the thought-and-response "
+        "preference pairs of one dataset version, with tpo-data and TRL's `DPOTrainer`.",
+        "",
+        "## Lineage",
+        "",
+        table({
+            "dataset version": label,
+            "dataset config": PAIRS,
+            "training pairs": lineage["train_rows"],
+            "parent model": parent,
+            "iteration": lineage["iteration"],
+            "best checkpoint": best or "last step",
+        }),
+        "",
+        eval_text,
+        "",
+        "## Training settings",
+        "",
+        table(lineage["training"]),
+        "",
+        "## Final metrics",
+        "",
+        table(metrics),
+        "",
+        "## Reproduce",
+        "",
+        "`lineage.json` holds the same facts in machine-readable form; the dataset version's "
+        "manifest (sha256 in `lineage.json`) pins the data byte for byte.",
+        "",
+        "Library versions: "
+        + ", ".join(f"{k} {v}" for k, v in lineage["library_versions"].items()),
+        "",
+    ])
+
+
+def _final_metrics(
+    train_metrics: dict[str, Any], eval_metrics: dict[str, Any], log_history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    # DPOTrainer adds its reward metrics to the logs only, not to evaluate()'s result.
+    last_eval = next((e for e in reversed(log_history) if "eval_loss" in e), {}) if eval_metrics else {}
+    reward_metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_rewards/")}
+    metrics = {k: v for k, v in {**train_metrics, **eval_metrics, **reward_metrics}.items()
+               if isinstance(v, (int, float))}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("final metric %s is %s", key, value)
+    return metrics
+
+
+# -- entry points -------------------------------------------------------------------------
+
+
+def train(script_args: TrainArguments, training_args: DPOConfig, model_args: ModelConfig) -> Path:
+    """Train and save the model, card and lineage to ``training_args.output_dir``; return it."""
+    import transformers
+    from accelerate import PartialState
+    from packaging.version import Version
+    from trl import DPOTrainer, get_peft_config
+
+    state = PartialState()
+    if state.is_main_process and not training_args.report_to and not trackio_available():
+        print("note: training logs go to the console only (trackio is not installed; "
+              "`pip install trackio` for local dashboards, or pick --report_to)")
+    apply_irpo(script_args, training_args)
+    check_output_dir(script_args, training_args)
+    source, train_ds, eval_ds, eval_lineage = load_data(script_args, training_args.seed)
+    check_eval_settings(training_args, eval_ds is not None)
+    parent = resolve_parent(script_args, model_args, source.manifest)
+    with state.main_process_first():  # "embedded" is converted once, by one process
+        model_path = resolve_model(parent)
+
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    training_args.model_init_kwargs = model_init_kwargs
+    setup_start = time.perf_counter()
+    trainer = DPOTrainer(
+        model=str(model_path),
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        peft_config=get_peft_config(model_args),
+    )
+    # Model loading, tokenization and the reference precompute all happen before train_runtime starts.
+    setup_runtime = time.perf_counter() - setup_start
+    trained_rows = len(trainer.train_dataset)
+    if trained_rows == 0:
+        raise TPODataError(
+            f"every prompt of {source.label} is at least max_length={training_args.max_length} "
+            "tokens long, so no completion token is left to train on",
+            "raise --max_length",
+        )
+    if trained_rows < train_ds.num_rows and state.is_main_process:
+        log.warning("%d of %d pairs dropped: their prompt alone fills max_length=%d",
+                    train_ds.num_rows - trained_rows, train_ds.num_rows, training_args.max_length)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    eval_metrics: dict[str, Any] = {}
+    if eval_ds is not None:
+        # After load_best_model_at_end this scores the checkpoint that was kept.
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+
+    out = Path(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        best = trainer.state.best_model_checkpoint
+        lineage = {
+            "dataset": {**source.lineage, "config": PAIRS},
+            "parent_model": parent,
+            "parent_model_path": str(model_path),
+            "iteration": source.manifest.get("iteration"),
+            "eval": eval_lineage,
+            "train_rows": trained_rows,
+            "best_checkpoint": Path(best).name if best else None,
+            "training": training_settings(training_args, trainer.accelerator.num_processes),
+            "metrics": {"setup_runtime": round(setup_runtime, 3),
+                        **_final_metrics(result.metrics, eval_metrics, trainer.state.log_history)},
+            "output_dir": str(out.resolve()),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "library_versions": library_versions(),
+        }
+        (out / LINEAGE).write_text(scrub(json.dumps(lineage, indent=2, default=str)) + "\n")
+        (out / CARD).write_text(scrub(build_card(lineage, source.label)), encoding="utf-8")
+        trainer.accelerator.print(f"model saved to {out} (card: {out / CARD})")
+    trainer.accelerator.wait_for_everyone()
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()  # closes the trackers and the process group
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Parse ``argv`` (default: sys.argv) like trainers/dpo.py and train."""
+    return train(*parse_args(argv))

@@ -1,0 +1,183 @@
+"""trainers/dpo.py: DPO on a store version and on a Hub revision, IRPO, and refused inputs.
+
+The two training runs go through the script in a subprocess, as a user runs it;
+the Hub run talks to tests/hub_standin.py with the real ``datasets`` and
+``huggingface_hub`` clients (their endpoint is read at import time). The
+refusals run in-process: they fail before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, run_script
+from hub_standin import HubStandin
+from safetensors.torch import load_file
+from test_hub import PUBLISH, TOKEN, client_env
+from test_store import RECIPE, make_iteration
+
+from tpo_data import cli
+from tpo_data.card import card_metadata
+from tpo_data.errors import TPODataError
+from tpo_data.store import LocalStore, write_iteration
+from tpo_data.training import apply_irpo, main, parse_args
+
+SCRIPT = "trainers/dpo.py"
+TINY = ["--config", "recipes/dpo-tiny-test.yaml"]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalStore:
+    """iter-1 with the tiny model as its parent, plus two broken versions."""
+    local = LocalStore(tmp_path_factory.mktemp("train") / "store")
+    pairs, candidates = make_iteration(1, n_instructions=8)
+    write_iteration(
+        local, "iter-1", pairs=pairs, candidates=candidates, iteration=1,
+        parent_model=str(tiny_lm), recipe=RECIPE, seed=0, instruction_slice=None,
+    )
+    manifest = {"iteration": 1, "parent_model": str(tiny_lm)}
+    card = f"---\n{yaml.safe_dump(card_metadata(['pairs']))}---\n"
+    local.write_version("no-rejected", {"pairs": pairs.remove_columns("rejected")}, manifest, card)
+    local.write_version("empty", {"pairs": pairs.select([])}, manifest, card)
+    return local
+
+
+def train_args(store: LocalStore, out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--dataset_store", str(store.root), "--dataset_version", "iter-1",
+            "--output_dir", str(out), *extra]
+
+
+def read_outputs(out: Path) -> tuple[str, dict[str, Any], list[float]]:
+    """Card text, lineage and the per-step training losses of a finished run."""
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), f"{name} was not saved"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    return (out / "README.md").read_text(), json.loads((out / "lineage.json").read_text()), losses
+
+
+def assert_weights_changed(parent: Path, out: Path) -> None:
+    before, after = load_file(parent / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not before[name].equal(after[name]) for name in before)
+
+
+def test_trains_from_store_version_with_irpo(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = run_script(SCRIPT, *train_args(store, out, "--irpo_alpha", "1.0"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card, lineage, losses = read_outputs(out)
+    # Step 1: policy == reference, so DPO is log 2 and the rest is the NLL of the chosen
+    # completion under a random model (about log |vocab|): the "sft" term is in the loss.
+    assert losses[0] > math.log(2) + 2.0
+    assert lineage["training"]["loss_type"] == ["sigmoid", "sft"]
+    assert lineage["training"]["loss_weights"] == [1.0, 1.0]
+    assert lineage["dataset"]["source"] == "store" and lineage["dataset"]["version"] == "iter-1"
+    assert lineage["dataset"]["manifest_sha256"] and lineage["iteration"] == 1
+    assert lineage["parent_model"] == str(tiny_lm)  # taken from the manifest
+    assert math.isfinite(lineage["metrics"]["train_loss"])
+    assert f"iter-1 of local store {store.root.resolve()}" in card
+    assert str(tiny_lm) in card and '["sigmoid", "sft"]' in card and "train_loss" in card
+    assert_weights_changed(tiny_lm, out)
+
+
+def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
+    repo = "stand-in-user/tpo-train"
+    with HubStandin(tmp_path / "hub") as hub:
+        env = client_env(tmp_path, hub.url, TOKEN)
+        published = subprocess.run(
+            [sys.executable, "-c", PUBLISH,
+             json.dumps({"store": str(store.root), "version": "iter-1", "repo": repo})],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        commit = json.loads(published.stdout.strip().splitlines()[-1])["commit"]
+        out = tmp_path / "model"
+        result = subprocess.run(
+            [sys.executable, SCRIPT, *TINY, "--dataset_repo", repo, "--dataset_revision", "iter-1",
+             "--output_dir", str(out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    card, lineage, losses = read_outputs(out)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # plain DPO, policy == reference
+    assert lineage["dataset"] == {
+        "source": "hub", "repo": repo, "revision": "iter-1", "commit": commit,
+        "manifest_sha256": lineage["dataset"]["manifest_sha256"], "config": "pairs",
+    }
+    assert lineage["parent_model"] == str(tiny_lm) and lineage["training"]["loss_type"] == ["sigmoid"]
+    assert f"{repo}@iter-1 (commit {commit})" in card and str(tiny_lm) in card
+    assert "datasets:\n- stand-in-user/tpo-train" in card
+    assert_weights_changed(tiny_lm, out)
+
+
+def test_refuses_non_empty_output_dir(store: LocalStore, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    (out / "checkpoint-7").mkdir(parents=True)
+    with pytest.raises(TPODataError, match="exists and is not empty") as err:
+        main(train_args(store, out))
+    assert "--overwrite_output_dir" in err.value.fix
+    # With the flag, stale checkpoints go before the run (which then fails here on purpose).
+    with pytest.raises(TPODataError, match="not found"):
+        main([*train_args(store, out, "--overwrite_output_dir"), "--dataset_version", "iter-9"])
+    assert not (out / "checkpoint-7").exists()
+
+
+def test_missing_version_lists_the_existing_ones(store: LocalStore, tmp_path: Path) -> None:
+    with pytest.raises(TPODataError, match="existing versions: empty, iter-1, no-rejected"):
+        main([*train_args(store, tmp_path / "m"), "--dataset_version", "iter-9"])
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [("no-rejected", "lack the column\\(s\\) rejected"), ("empty", "has no pairs")],
+)
+def test_bad_pairs_are_refused(store: LocalStore, tmp_path: Path, version: str, problem: str) -> None:
+    with pytest.raises(TPODataError, match=problem):
+        main([*train_args(store, tmp_path / "m"), "--dataset_version", version])
+
+
+def test_dataset_source_must_be_one_and_complete(store: LocalStore, tmp_path: Path) -> None:
+    with pytest.raises(TPODataError, match="no dataset given"):
+        main([*TINY, "--output_dir", str(tmp_path / "m")])
+    with pytest.raises(TPODataError, match="needs both --dataset_repo and --dataset_revision"):
+        main([*TINY, "--dataset_repo", "u/r", "--output_dir", str(tmp_path / "m")])
+    with pytest.raises(TPODataError, match="both a local store"):
+        main([*train_args(store, tmp_path / "m"), "--dataset_repo", "u/r"])
+
+
+def test_evaluation_needs_held_out_pairs(store: LocalStore, tmp_path: Path) -> None:
+    with pytest.raises(TPODataError, match="no pairs are held out") as err:
+        main([*train_args(store, tmp_path / "m"), "--eval_strategy", "epoch"])
+    assert "--eval_split" in err.value.fix
+
+
+def test_cpu_defaults_and_overrides() -> None:
+    _, args, _ = parse_args(["--config", "recipes/dpo-smollm2.yaml", "--output_dir", "x"])
+    assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing
+    assert args.precompute_ref_log_probs and args.load_best_model_at_end
+    assert args.metric_for_best_model == "eval_loss" and args.num_train_epochs == 2
+    _, args, _ = parse_args(["--output_dir", "x", "--precompute_ref_log_probs", "false"])
+    assert not args.precompute_ref_log_probs
+
+
+def test_irpo_maps_onto_the_loss_list() -> None:
+    script_args, args, _ = parse_args(["--output_dir", "x", "--irpo_alpha", "0.5"])
+    apply_irpo(script_args, args)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    with pytest.raises(TPODataError, match="already contains 'sft'"):
+        apply_irpo(script_args, args)
+
+
+def test_tpo_data_train_command(store: LocalStore, tmp_path: Path, capsys) -> None:
+    assert cli.main(["train", *train_args(store, tmp_path / "m"), "--dataset_version", "iter-9"]) == 2
+    assert "version 'iter-9' not found" in capsys.readouterr().err
+
