@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from tpo_data import cli_argilla, cli_store, cli_train
+from tpo_data import cli_argilla, cli_pit, cli_store, cli_train
 from tpo_data.errors import TPODataError
 
 
@@ -69,7 +69,7 @@ def _run_tpo(rest: list[str]) -> None:
     tpo_main(rest)
 
 
-_COMMAND_MODULES: list = [cli_store, cli_argilla, cli_train]
+_COMMAND_MODULES: list = [cli_store, cli_pit, cli_argilla, cli_train]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,129 @@
+"""``tpo-data improve`` and ``tpo-data pit-eval``: use and evaluate a trained PIT model.
+
+``improve`` rewrites one answer repeatedly with the PIT model and keeps a rewrite only
+when the gap reward model says it beats the previous answer; it stops at the first
+rewrite that does not (or after ``--max-rounds``) and prints every round with its gap
+score, then the best answer. Without ``--answer`` the first answer comes from
+``--policy`` (default: the PIT model answering the instruction directly).
+
+``pit-eval`` runs :func:`tpo_data.pit_eval.evaluate` on the held-out ``test`` rows of a
+PIT store version: PIT per round, PIT with the stop rule, and Self-Refine-style prompting
+of the policy at equal call counts, judged by an independent point-wise reward model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tpo_data.errors import TPODataError
+
+
+def _add_generation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pit-model", required=True, help="PIT model folder (trainers/pit.py sft or rl output)")
+    parser.add_argument("--reward-model", required=True, help="gap reward model folder (trainers/pit.py reward)")
+    parser.add_argument("--policy", help="model that writes the first answer y_0 (default: see the command help)")
+    parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (paper: 0.4-0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="a rewrite is kept only when its gap over the last answer is above this")
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``improve`` and ``pit-eval`` on an argparse subparsers object."""
+    improve = subparsers.add_parser(
+        "improve", help="improve an answer repeatedly with a PIT model", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    improve.add_argument("--instruction", required=True, help="the instruction (user request)")
+    improve.add_argument("--answer", help="the answer to improve (default: --policy writes one)")
+    improve.add_argument("--max-rounds", type=int, default=3)
+    improve.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_generation(improve)
+    improve.set_defaults(func=_cmd_improve)
+
+    evaluate = subparsers.add_parser(
+        "pit-eval", help="evaluate PIT against Self-Refine on held-out items", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("--judge-model", required=True,
+                          help="point-wise reward model that judges (must not be the gap reward model)")
+    evaluate.add_argument("--store", required=True, help="store folder holding the PIT version")
+    evaluate.add_argument("--version", default="pit-sft-1", help="version with a 'test' config")
+    evaluate.add_argument("--self-refine-model",
+                          help="model prompted to 'improve this answer' (default: --policy; 'none' skips it)")
+    evaluate.add_argument("--max-items", type=int, default=16)
+    evaluate.add_argument("--rounds", type=int, default=2)
+    evaluate.add_argument("--output", help="also write the report as JSON to this file")
+    _add_generation(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
+
+
+def _chat(args: argparse.Namespace, model: str, what: str):
+    from tpo_data.pit_eval import ChatModel
+
+    return ChatModel(model, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, what=what)
+
+
+def _check_rounds(value: int, flag: str) -> None:
+    if value < 1:
+        raise TPODataError(f"{flag} must be at least 1 (got {value}).", f"Pass {flag} 1 or more.")
+
+
+def _cmd_improve(args: argparse.Namespace) -> int:
+    from tpo_data.pit_eval import improve_many
+    from tpo_data.pit_training import GapRewardModel
+
+    _check_rounds(args.max_rounds, "--max-rounds")
+    gap_model = GapRewardModel(args.reward_model)  # cheap checks first: fail before loading the LM
+    pit = _chat(args, args.pit_model, "--pit-model")
+    answer = args.answer
+    if answer is None:
+        policy = pit if not args.policy else _chat(args, args.policy, "--policy")
+        answer = policy([[{"role": "user", "content": args.instruction}]])[0]
+    result = improve_many([args.instruction], [answer], pit, gap_model, args.max_rounds, args.threshold)[0]
+    if args.json:
+        print(json.dumps({"instruction": result.instruction, "initial": result.initial,
+                          "rounds": [{"round": i + 1, "answer": a, "gap": g, "kept": k} for i, (a, g, k)
+                                     in enumerate(zip(result.rewrites, result.gaps, result.kept))],
+                          "best": result.best}, indent=2))
+        return 0
+    print(f"round 0 (initial answer):\n{result.initial}\n")
+    for i, (text, gap, kept) in enumerate(zip(result.rewrites, result.gaps, result.kept), 1):
+        verdict = "kept" if kept else "not better, stopped"
+        print(f"round {i}: gap over the last answer {gap:+.4f} ({verdict})\n{text}\n")
+    print("(gap = R(x, new, last) - R(x, last, last): above the threshold means better)")
+    print(f"best answer ({sum(result.kept)} kept rewrite(s)):\n{result.best}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tpo_data.pit_eval import evaluate, format_report
+    from tpo_data.pit_training import TEST, GapRewardModel, load_rows, model_path
+    from tpo_data.reward_models import RewardModelScorer
+
+    _check_rounds(args.rounds, "--rounds")
+    if Path(args.judge_model).resolve() == Path(args.reward_model).resolve():
+        raise TPODataError("--judge-model is the gap reward model PIT was trained against.",
+                           "Judge with an independent point-wise reward model.")
+    rows = load_rows(args.store, args.version, TEST, args.max_items)
+    gap_model = GapRewardModel(args.reward_model)
+    judge = RewardModelScorer(model_path(args.judge_model, "--judge-model"))
+    pit = _chat(args, args.pit_model, "--pit-model")
+    policy = _chat(args, args.policy, "--policy") if args.policy else pit
+    refine_name = args.self_refine_model
+    refiner = None if refine_name == "none" else policy if not refine_name else _chat(
+        args, refine_name, "--self-refine-model")
+    instructions = rows["instruction"]
+    initial = policy([[{"role": "user", "content": x}] for x in instructions])
+    report = evaluate(instructions, initial, pit, gap_model, judge, refiner, args.rounds, args.threshold)
+    report.update(pit_model=args.pit_model, policy=args.policy or args.pit_model,
+                  self_refine_model=None if refiner is None else (refine_name or args.policy or args.pit_model),
+                  judge_model=args.judge_model, reward_model=args.reward_model)
+    print(format_report(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,388 @@
+"""PIT training stages behind ``trainers/pit.py`` (METHOD.md 2.1-2.4).
+
+- ``sft``: ``trl.SFTTrainer`` on the improvement rows of a store version
+  (default ``pit-sft-1``): prompt = improvement prompt with x and y_ref = y_l,
+  completion = y_w, in TRL's conversational prompt-completion format, so the loss
+  is -log M_PIT(y_w | x, y_l) on the completion only.
+- ``reward``: the gap reward model R(x, y1, y2), a one-logit
+  ``AutoModelForSequenceClassification`` over :func:`tpo_data.pit.gap_text`. Each
+  (x, y_w, y_l) gives four inputs scored in one forward pass and
+  :func:`tpo_data.pit.gap_ranking_loss` over them (:class:`GapRewardTrainer`).
+- ``rl``: ``trl.RLOOTrainer`` maximizing R(x, y, y_ref) - beta * KL(policy || reference).
+
+Why RLOO rather than GRPO: PIT's objective is a reward with a KL penalty to the SFT
+model (PPO in the paper). TRL 1.16's RLOO subtracts ``beta * KL`` of the whole sequence
+from the reward, which is that objective, and it loads the KL reference by default
+(``beta`` 0.05); GRPO's default is no KL at all (``beta`` 0.0) and, when enabled, adds
+it to the loss instead. Both accept a custom reward function that receives the dataset's
+extra columns (here ``instruction`` and ``reference``) and both run on CPU; RLOO needs
+only 2 generations per prompt for its leave-one-out baseline, cheap on CPU.
+
+Curriculum (METHOD.md 2.4), ``--round``: round 1 trains on y_ref from the preference
+data (the rejected answer of the ``pit-sft-1`` rows); round 2 on y_ref sampled from the
+policy (version ``pit-rl-refs-2`` written by ``pipelines/pit.py``), starting from the
+round-1 checkpoint. ``--kl_reference`` keeps the KL anchored to the SFT model in round 2
+(RLOO builds its reference model from the policy's ``config._name_or_path``).
+
+Recipes have one section per stage (``sft:``, ``reward:``, ``rl:``) plus shared
+top-level keys; :func:`parse_stage` merges them and applies command-line overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tpo_data.errors import TPODataError
+from tpo_data.pit import gap_inputs, gap_ranking_loss, gap_text, improvement_messages
+
+log = logging.getLogger("tpo_data")
+
+SFT_VERSION = "pit-sft-1"
+REFS_VERSION = "pit-rl-refs-2"
+TRAIN, TEST = "train", "test"
+# Written next to a trained gap reward model; the file tells it apart from a point-wise RM.
+GAP_MARKER = "pit_gap_reward.json"
+STAGES = ("sft", "reward", "rl")
+RECIPE_SECTIONS = ("pipeline", *STAGES)
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+@dataclass
+class PITDataArguments:
+    """Where the training rows come from."""
+
+    store: str = field(default="outputs/pit/store", metadata={"help": "Local dataset store folder."})
+    version: str = field(
+        default=SFT_VERSION, metadata={"help": "Store version with the improvement rows (config 'train')."}
+    )
+    max_examples: int | None = field(default=None, metadata={"help": "Use at most this many rows."})
+
+
+@dataclass
+class SFTStageArguments:
+    model: str = field(default="embedded", metadata={"help": "Model to fine-tune: 'embedded', a folder or a Hub id."})
+
+
+@dataclass
+class RewardStageArguments:
+    model: str = field(
+        default="embedded",
+        metadata={"help": "Backbone of the gap reward model (a causal LM or sequence-classification folder)."},
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Tokens per (x, y1, y2) text; longer ones lose their start."}
+    )
+
+
+@dataclass
+class RLStageArguments:
+    model: str = field(default="outputs/pit/sft", metadata={"help": "Policy to start from (round 1: the SFT model)."})
+    reward_model: str = field(default="outputs/pit/reward", metadata={"help": "Gap reward model folder."})
+    round: int = field(
+        default=1, metadata={"help": "Curriculum round: 1 (y_ref from the data) or 2 (y_ref from the policy)."}
+    )
+    refs_version: str = field(
+        default=REFS_VERSION, metadata={"help": "Round 2: store version with policy-sampled references."}
+    )
+    kl_reference: str | None = field(
+        default=None,
+        metadata={"help": "Model the KL penalty is measured against (default: --model). Round 2: the SFT model."},
+    )
+    reward_batch_size: int = field(default=8, metadata={"help": "Gap reward model batch size."})
+    reward_max_length: int = field(default=1024, metadata={"help": "Gap reward model max tokens."})
+
+    def __post_init__(self) -> None:
+        if self.round not in (1, 2):
+            raise TPODataError(f"--round must be 1 or 2 (got {self.round}).",
+                               "Run round 1 first, then round 2 from its checkpoint (METHOD.md 2.4).")
+
+
+def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, Any]:
+    """Shared top-level keys this stage knows, overridden by the stage's own section."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
+                           "Pass an existing YAML file to --config (see recipes/).") from None
+    if not isinstance(data, dict):
+        raise TPODataError(f"{path} is not a YAML mapping.", "Write the recipe as key: value lines.")
+    shared = {k: v for k, v in data.items() if k not in RECIPE_SECTIONS and k in known}
+    own = data.get(section) or {}
+    unknown = sorted(set(own) - known)
+    if unknown:
+        raise TPODataError(f"{path}: unknown keys in section {section!r}: {', '.join(unknown)}.",
+                           f"Remove them, or run with --help to see what {section!r} accepts.")
+    return {**shared, **own}
+
+
+def parse_stage(section: str, types: Sequence[type], argv: Sequence[str] | None,
+                training: bool = False) -> tuple:
+    """TRL-style parsing: ``--config recipe.yaml`` sets defaults, the command line overrides them.
+
+    With ``training``, a machine without CUDA defaults to CPU, fp32 and no gradient
+    checkpointing (TRL's configs default to bf16 and refuse it without a GPU), and logs
+    go nowhere unless asked; recipe and command line still override these.
+    """
+    import sys
+
+    import torch
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(list(types))
+    if training:
+        parser.set_defaults(report_to="none")
+        if not torch.cuda.is_available():
+            parser.set_defaults(use_cpu=True, bf16=False, gradient_checkpointing=False)
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise TPODataError("--config needs a file.", "Pass --config recipes/pit-smollm2.yaml.")
+        path = argv[at + 1]
+        del argv[at : at + 2]
+        known = {f.name for t in types for f in fields(t)}
+        parser.set_defaults_with_config(**load_recipe(path, section, known))
+    return tuple(parser.parse_args_into_dataclasses(args=argv))
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def load_rows(store: str, version: str, config: str = TRAIN, max_examples: int | None = None):
+    """One config of a store version as a ``datasets.Dataset``, optionally cut."""
+    from tpo_data.store import LocalStore
+
+    local = LocalStore(store)
+    # Checked before loading: `datasets` cannot load a config with no rows at all.
+    if local.manifest(version).get("row_counts", {}).get(config) == 0:
+        raise TPODataError(f"{store}/{version} ({config}) has no rows.",
+                           "Build it with pipelines/pit.py from a larger preference dataset "
+                           "(for 'test': a --holdout_size above 0).")
+    ds = local.load(version, config)
+    if max_examples is not None:
+        ds = ds.select(range(min(max_examples, ds.num_rows)))
+    return ds
+
+
+def rl_dataset(ds):
+    """Rows for RLOO: the improvement prompt with each row's y_ref, keeping x and y_ref for the reward."""
+    missing = {"instruction", "reference"} - set(ds.column_names)
+    if missing:
+        raise TPODataError(f"The RL rows lack column(s) {sorted(missing)}.",
+                           "Use a version written by pipelines/pit.py (pit-sft-1 or pit-rl-refs-2).")
+    return ds.map(lambda r: {"prompt": improvement_messages(r["instruction"], r["reference"])},
+                  remove_columns=[c for c in ds.column_names if c not in ("instruction", "reference")])
+
+
+def model_path(name: str, what: str) -> str:
+    from tpo_data.models import resolve_model
+
+    try:
+        return str(resolve_model(name))
+    except TPODataError as err:
+        raise TPODataError(f"{what}: {err.problem}", err.fix.replace("--model", what)) from None
+
+
+# --- the gap reward model ----------------------------------------------------------------
+
+
+def encode_gap(tokenizer: Any, texts: list[str], max_length: int) -> dict:
+    """Right-padded ids; an over-long text loses its start, so both answers and the question stay."""
+    tokenizer.truncation_side = "left"
+    return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+class GapRewardModel:
+    """R(x, y1, y2) from a folder written by ``trainers/pit.py reward``."""
+
+    def __init__(self, path: str | Path, *, batch_size: int = 8, max_length: int = 1024, device: str = "auto"):
+        from transformers import AutoModelForSequenceClassification
+
+        from tpo_data.reward_models import resolve_device
+
+        folder = Path(path)
+        if not (folder / GAP_MARKER).is_file():
+            raise TPODataError(
+                f"{folder} is not a PIT gap reward model (no {GAP_MARKER}"
+                + ("" if folder.is_dir() else "; the folder does not exist") + ").",
+                "Train one with `python trainers/pit.py reward --config recipes/pit-smollm2.yaml` "
+                "and pass its output_dir.",
+            )
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(str(folder))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder)).to(self.device).eval()
+
+    def gap(self, instructions: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[float]:
+        """How much better each first answer is than its second, one float per row."""
+        import torch
+
+        texts = [gap_text(x, a, b) for x, a, b in zip(instructions, firsts, seconds, strict=True)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = encode_gap(self.tokenizer, texts[start : start + self.batch_size], self.max_length)
+            with torch.inference_mode():
+                logits = self.model(**enc.to(self.device)).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+    def calibrated_gap(self, instructions: Sequence[str], new: Sequence[str], last: Sequence[str]) -> list[float]:
+        """R(x, new, last) - R(x, last, last): above 0 means ``new`` beats ``last``.
+
+        The ranking loss only fixes differences between scores, so the level of the
+        middle class R(x, y, y) is arbitrary (a trained model gave an unchanged copy +1.7).
+        Measuring from the model's own "equal answers" score makes 0 the no-change point.
+        """
+        raw = self.gap(instructions, new, last)
+        same = self.gap(instructions, last, last)
+        return [a - b for a, b in zip(raw, same)]
+
+
+def gap_collator(tokenizer: Any, max_length: int):
+    """Batches of (x, y_w, y_l) rows as 4 consecutive texts per row: (w,l), (w,w), (l,l), (l,w)."""
+
+    def collate(rows: list[dict[str, Any]]) -> dict:
+        texts = [t for r in rows for t in gap_inputs(r["instruction"], r["better"], r["reference"])]
+        return dict(encode_gap(tokenizer, texts, max_length))
+
+    return collate
+
+
+def gap_batch_loss(model: Any, inputs: dict) -> tuple[Any, Any]:
+    """The gap ranking loss of a :func:`gap_collator` batch, and its rewards shaped (examples, 4)."""
+    rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
+    r = rewards.view(-1, 4)
+    return gap_ranking_loss(r[:, 0], r[:, 1], r[:, 2], r[:, 3]), r
+
+
+def _gap_trainer_class():
+    from transformers import Trainer
+
+    class GapRewardTrainer(Trainer):
+        """A Trainer whose loss is the five-term gap ranking loss over the 4 inputs per example."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, rewards = gap_batch_loss(model, inputs)
+            return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    return GapRewardTrainer
+
+
+# --- stages ------------------------------------------------------------------------------
+
+
+def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
+    """Fine-tune M_PIT to write y_w given (x, y_l); returns the saved model folder."""
+    from trl import SFTTrainer
+
+    path = model_path(stage.model, "--model")
+    ds = load_rows(data.store, data.version, TRAIN, data.max_examples).select_columns(["prompt", "completion"])
+    trainer = SFTTrainer(model=path, args=config, train_dataset=ds, processing_class=load_tokenizer(path))
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    return Path(config.output_dir)
+
+
+def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> Path:
+    """Train the gap reward model; returns its folder (with the gap marker file)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = model_path(stage.model, "--model")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    # The head finds each row's last token through the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    ds = load_rows(data.store, data.version, TRAIN, data.max_examples).select_columns(
+        ["instruction", "better", "reference"])
+    config.remove_unused_columns = False  # the collator needs the raw text columns
+    trainer = _gap_trainer_class()(model=model, args=config, train_dataset=ds, processing_class=tokenizer,
+                                   data_collator=gap_collator(tokenizer, stage.max_length))
+    trainer.train()
+    out = Path(config.output_dir)
+    trainer.save_model(str(out))
+    (out / GAP_MARKER).write_text(json.dumps({
+        "kind": "pit-gap-reward", "format": gap_text("{instruction}", "{y1}", "{y2}"),
+        "max_length": stage.max_length, "base_model": path, "train_version": data.version,
+    }, indent=2))
+    return out
+
+
+def gap_reward_function(reward_model: GapRewardModel):
+    """A TRL reward function: R(x, completion, y_ref) with x and y_ref from the dataset row."""
+
+    def gap_reward(prompts, completions, instruction, reference, **kwargs) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return reward_model.gap(instruction, texts, reference)
+
+    return gap_reward
+
+
+def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
+    """One curriculum round of RLOO against the gap reward; returns the saved policy folder."""
+    from transformers import AutoModelForCausalLM
+    from trl import RLOOTrainer
+
+    path = model_path(stage.model, "--model")
+    reward_model = GapRewardModel(stage.reward_model, batch_size=stage.reward_batch_size,
+                                  max_length=stage.reward_max_length)
+    version = data.version if stage.round == 1 else stage.refs_version
+    ds = rl_dataset(load_rows(data.store, version, TRAIN, data.max_examples))
+    policy: Any = path
+    if stage.kl_reference:
+        policy = AutoModelForCausalLM.from_pretrained(path)
+        policy.config._name_or_path = model_path(stage.kl_reference, "--kl_reference")
+    log.info("RL round %d on %d rows of %s (beta=%s)", stage.round, ds.num_rows, version, config.beta)
+    trainer = RLOOTrainer(model=policy, reward_funcs=gap_reward_function(reward_model), args=config,
+                          train_dataset=ds, processing_class=load_tokenizer(path))
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    return Path(config.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``trainers/pit.py STAGE [--config recipe.yaml] [--key value ...]``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        raise TPODataError(
+            f"First argument must be a stage: {', '.join(STAGES)} (got {argv[0] if argv else 'nothing'!r}).",
+            "Run e.g. `python trainers/pit.py sft --config recipes/pit-smollm2.yaml`.",
+        )
+    stage, rest = argv[0], argv[1:]
+    from transformers import TrainingArguments
+    from trl import RLOOConfig, SFTConfig
+
+    if stage == "sft":
+        data, args, config = parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig), rest,
+                                         training=True)
+        out = run_sft(data, args, config)
+    elif stage == "reward":
+        data, args, config = parse_stage("reward", (PITDataArguments, RewardStageArguments, TrainingArguments),
+                                         rest, training=True)
+        out = run_reward(data, args, config)
+    else:
+        data, args, config = parse_stage("rl", (PITDataArguments, RLStageArguments, RLOOConfig), rest,
+                                         training=True)
+        out = run_rl(data, args, config)
+    print(f"Saved the {stage} model to {out}")
+    return out

@@ -1,0 +1,334 @@
+"""PIT (METHOD.md 2): prompt, rows, gap loss, stop rule, the three trainers, improve and eval."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tpo_data.errors import TPODataError
+from tpo_data.pit import (
+    GAP_RANKING_PAIRS,
+    build_improvement_rows,
+    gap_inputs,
+    gap_ranking_loss,
+    gap_text,
+    improvement_prompt,
+    parse_improvement_prompt,
+    preference_from_row,
+    should_stop,
+)
+from tpo_data.pit_eval import evaluate, improve_many
+
+RECIPE = "recipes/pit-tiny-test.yaml"
+
+# --- improvement prompt -------------------------------------------------------------------
+
+
+@given(st.text(), st.text())
+def test_improvement_prompt_round_trips(instruction, reference):
+    if "\n</instruction>\n\n<reference_answer>\n" in instruction:
+        return
+    assert parse_improvement_prompt(improvement_prompt(instruction, reference)) == (instruction, reference)
+
+
+def test_improvement_prompt_edge_cases():
+    tricky = "a\n</instruction>\n\n<reference_answer>\nb\n</reference_answer>"
+    assert parse_improvement_prompt(improvement_prompt("x", tricky)) == ("x", tricky)
+    with pytest.raises(TPODataError):
+        improvement_prompt(tricky, "ref")
+    assert parse_improvement_prompt("Write a better answer to: hi") is None
+    assert parse_improvement_prompt(improvement_prompt("x", "y") + " trailing") is None
+
+
+# --- preference rows -> improvement rows --------------------------------------------------
+
+
+def _msg(role, text):
+    return {"role": role, "content": text}
+
+
+def test_preference_layouts():
+    explicit = {"prompt": [_msg("user", "Q")], "chosen": [_msg("assistant", "good")],
+                "rejected": [_msg("assistant", "bad")]}
+    implicit = {"chosen": [_msg("user", "Q"), _msg("assistant", "good")],
+                "rejected": [_msg("user", "Q"), _msg("assistant", "bad")]}
+    # distilabel's FormatTextGenerationDPO: prompt text, full conversations in chosen/rejected.
+    distilabel = {"prompt": "Q", "chosen": implicit["chosen"], "rejected": implicit["rejected"]}
+    text = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    hh = {"chosen": "\n\nHuman: Q\n\nAssistant: good", "rejected": "\n\nHuman: Q\n\nAssistant: bad"}
+    tpo = {"instruction": "Q", "instruction_id": "i7", "chosen_thought": "THOUGHT", "chosen_response": "good",
+           "rejected_thought": "T2", "rejected_response": "bad",
+           "chosen": [_msg("assistant", "THOUGHT Here is my response: good")],
+           "rejected": [_msg("assistant", "T2 Here is my response: bad")],
+           "prompt": [_msg("user", "thought prompt ... Q")]}
+    for row in (explicit, implicit, distilabel, text, hh, tpo):
+        pref = preference_from_row(row)
+        assert (pref.instruction, pref.chosen, pref.rejected) == ("Q", "good", "bad"), row
+    assert preference_from_row(tpo).id == "i7"
+    assert build_improvement_rows([{**tpo, "rejected_response": None}])[1]["empty"] == 1
+    dialogue = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: Q\n\nAssistant: good",
+                "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: Q\n\nAssistant: bad"}
+    assert preference_from_row(dialogue).instruction == "User: hi\n\nAssistant: hello\n\nUser: Q"
+
+
+def test_build_improvement_rows_and_drops():
+    good = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    rows, drops = build_improvement_rows([
+        good, dict(good), {"prompt": "Q", "chosen": "same", "rejected": "same"},
+        {"prompt": "Q", "chosen": " ", "rejected": "bad"}, {"text": "no preference here"},
+    ])
+    assert drops == {"unreadable": 1, "empty": 1, "identical": 1, "boundary": 0, "duplicate": 1}
+    (row,) = rows
+    assert (row["instruction"], row["reference"], row["better"]) == ("Q", "bad", "good")
+    assert parse_improvement_prompt(row["prompt"][0]["content"]) == ("Q", "bad")
+    assert row["prompt"][0]["role"] == "user"
+    assert row["completion"] == [_msg("assistant", "good")]
+
+
+# --- gap reward loss ----------------------------------------------------------------------
+
+
+def _loss(wl, ww, ll, lw):
+    scores = [torch.tensor([float(v)], requires_grad=True) for v in (wl, ww, ll, lw)]
+    loss = gap_ranking_loss(*scores)
+    loss.backward()
+    return loss.item(), [s.grad.item() for s in scores]
+
+
+def test_gap_ranking_loss_values():
+    assert GAP_RANKING_PAIRS == ((0, 1), (0, 2), (0, 3), (1, 3), (2, 3))
+    ordered, _ = _loss(4, 0, 0, -4)
+    reversed_, _ = _loss(-4, 0, 0, 4)
+    flat, _ = _loss(0, 0, 0, 0)
+    assert flat == pytest.approx(5 * math.log(2))
+    assert ordered < 0.2 < flat < reversed_
+    # The five terms exactly: softplus(-(high - low)).
+    s = [1.0, 0.5, -0.2, -1.0]
+    expected = sum(math.log1p(math.exp(-(s[h] - s[l]))) for h, l in GAP_RANKING_PAIRS)
+    assert _loss(*s)[0] == pytest.approx(expected)
+    # A batch is averaged over examples.
+    batch = gap_ranking_loss(*(torch.tensor([a, b]) for a, b in ((4.0, -4.0), (0.0, 0.0), (0.0, 0.0), (-4.0, 4.0))))
+    assert batch.item() == pytest.approx((ordered + reversed_) / 2)
+
+
+def test_gap_ranking_loss_middle_class():
+    # An equal pair ranked above (w,l) or below (l,w) costs more than one in the middle.
+    middle, _ = _loss(2, 0, 0, -2)
+    assert _loss(2, 3, 0, -2)[0] > middle
+    assert _loss(2, 0, -3, -2)[0] > middle
+    # Gradient descent raises R(w,l), lowers R(l,w), and pulls the equal pairs to the middle.
+    _, grads = _loss(2, 0, 0, -2)
+    assert grads[0] < 0 and grads[3] > 0
+    assert grads[1] == pytest.approx(0, abs=1e-7) and grads[2] == pytest.approx(0, abs=1e-7)
+    _, grads = _loss(2, 1.8, -1.8, -2)  # (w,w) too close to the top, (l,l) to the bottom
+    assert grads[1] > 0 and grads[2] < 0
+
+
+def test_gap_inputs_order():
+    texts = gap_inputs("x", "W", "L")
+    assert texts == [gap_text("x", "W", "L"), gap_text("x", "W", "W"), gap_text("x", "L", "L"),
+                     gap_text("x", "L", "W")]
+
+
+# --- stop rule ----------------------------------------------------------------------------
+
+
+def test_should_stop():
+    assert not should_stop(0.3, round=1, max_rounds=3)
+    assert should_stop(0.3, round=3, max_rounds=3)
+    assert should_stop(0.0, round=1, max_rounds=3)  # not better than the last answer
+    assert should_stop(-1.0, round=1, max_rounds=3)
+    assert should_stop(0.3, round=1, max_rounds=3, threshold=0.5)
+    assert should_stop(float("nan"), round=1, max_rounds=3)
+    with pytest.raises(TPODataError):
+        should_stop(1.0, round=0, max_rounds=3)
+
+
+class _ScriptedGap:
+    """Returns the next scripted gap for every row."""
+
+    def __init__(self, gaps):
+        self.gaps = list(gaps)
+
+    def calibrated_gap(self, instructions, new, last):
+        return [self.gaps.pop(0) for _ in instructions]
+
+
+def _appender(conversations):
+    return [m[-1]["content"].rsplit("<reference_answer>\n", 1)[1].split("\n</reference_answer>")[0] + "+"
+            for m in conversations]
+
+
+def test_improve_many_keeps_the_last_better_answer():
+    (result,) = improve_many(["x"], ["a"], _appender, _ScriptedGap([0.5, 0.2, -0.1, 9.0]), max_rounds=5)
+    assert result.rewrites == ["a+", "a++", "a+++"]
+    assert result.kept == [True, True, False]
+    assert result.best == "a++" and result.calls == 3
+    (capped,) = improve_many(["x"], ["a"], _appender, _ScriptedGap([1.0, 1.0, 1.0]), max_rounds=2)
+    assert capped.best == "a++" and capped.calls == 2
+
+
+class _LengthJudge:
+    def score(self, instructions, responses):
+        return [float(len(r)) for r in responses]
+
+
+def test_evaluate_with_fake_models():
+    shrink = lambda convs: ["s" for _ in convs]  # noqa: E731 - a Self-Refine that makes answers worse
+    report = evaluate(["x", "y"], ["a", "bb"], _appender, _ScriptedGap([1.0] * 4), _LengthJudge(),
+                      self_refine=shrink, rounds=2)
+    assert [r["beat_previous"] for r in report["pit"]] == [1.0, 1.0]
+    assert [r["calls_per_item"] for r in report["pit"]] == [2, 3]
+    assert report["self_refine"][0]["beat_initial"] == 0.25  # "s" ties "a", loses to "bb"
+    assert [r["pit_wins"] for r in report["pit_vs_self_refine"]] == [1.0, 1.0]
+    assert report["pit_stop_rule"] == {"beat_initial": 1.0, "calls_per_item": 3.0, "changed": 1.0}
+    gap = _ScriptedGap([])
+    with pytest.raises(TPODataError, match="judge is the gap reward model"):
+        evaluate(["x"], ["a"], _appender, gap, gap)
+
+
+# --- data stage and trainers on tiny models ----------------------------------------------
+
+
+def _write_prefs(path, n=6):
+    rows = [{"prompt": [_msg("user", f"Explain the sky {i}")], "chosen": [_msg("assistant", f"Scattering {i}.")],
+             "rejected": [_msg("assistant", f"No idea {i}.")]} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pit_run(tmp_path_factory, tiny_lm):
+    """A store with pit-sft-1 (rows stage only) and a gap reward model trained for one step."""
+    from tpo_data.pit_data import main as pipeline_main
+    from tpo_data.pit_training import main as train_main
+
+    root = tmp_path_factory.mktemp("pit")
+    prefs = _write_prefs(root / "prefs.jsonl")
+    store = root / "store"
+    pipeline_main(["--config", RECIPE, "--preferences", str(prefs), "--store", str(store), "--stage", "rows"])
+    train_main(["reward", "--config", RECIPE, "--store", str(store), "--model", str(tiny_lm),
+                "--output_dir", str(root / "reward")])
+    return {"root": root, "store": store, "reward": root / "reward", "lm": tiny_lm, "prefs": prefs}
+
+
+def test_rows_stage_writes_train_and_test(pit_run):
+    from tpo_data.store import LocalStore
+
+    store = LocalStore(pit_run["store"])
+    train, test = store.load("pit-sft-1", "train"), store.load("pit-sft-1", "test")
+    assert (train.num_rows, test.num_rows) == (4, 2)
+    assert not set(train["id"]) & set(test["id"])
+    assert store.manifest("pit-sft-1")["drops"]["unreadable"] == 0
+
+
+def test_read_preferences_from_tpo_store_and_uncached_hub(tmp_path):
+    import yaml
+    from datasets import Dataset
+
+    from tpo_data.card import card_metadata
+    from tpo_data.pit_data import PITPipelineArguments, read_preferences
+    from tpo_data.store import LocalStore
+
+    pairs = Dataset.from_list([{"instruction": "Q", "instruction_id": "i1", "chosen_thought": "T",
+                                "chosen_response": "good", "rejected_thought": "T2", "rejected_response": "bad",
+                                "chosen": [_msg("assistant", "T good")], "rejected": [_msg("assistant", "T2 bad")],
+                                "prompt": [_msg("user", "think first: Q")]}])
+    card = f"---\n{yaml.safe_dump(card_metadata(['pairs']))}---\n"
+    LocalStore(tmp_path / "tpo").write_version("iter-1", {"pairs": pairs}, {"iteration": 1}, card)
+    rows, source = read_preferences(PITPipelineArguments(preferences=str(tmp_path / "tpo" / "iter-1")))
+    (row,), _ = build_improvement_rows(rows)
+    assert source.startswith("tpo-store:") and (row["better"], row["reference"]) == ("good", "bad")
+    with pytest.raises(TPODataError, match="not in the local cache"):
+        read_preferences(PITPipelineArguments(preferences="nobody/uncached-preferences"))
+
+
+def test_recipe_sections_and_unknown_keys(tmp_path):
+    from trl import SFTConfig
+
+    from tpo_data.pit_training import PITDataArguments, SFTStageArguments, parse_stage
+
+    data, stage, config = parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig),
+                                      ["--config", RECIPE, "--output_dir", str(tmp_path), "--max_steps", "3"],
+                                      training=True)
+    assert (config.max_steps, config.max_length, config.per_device_train_batch_size) == (3, 256, 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  no_such_key: 1\n")
+    with pytest.raises(TPODataError, match="no_such_key"):
+        parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig), ["--config", str(bad)], training=True)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sft_step(pit_run, tmp_path):
+    from tpo_data.pit_training import main as train_main
+
+    out = train_main(["sft", "--config", RECIPE, "--store", str(pit_run["store"]), "--model", str(pit_run["lm"]),
+                      "--output_dir", str(tmp_path / "sft")])
+    before, after = _weights(pit_run["lm"]), _weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reward_step_trains_the_gap_loss(pit_run):
+    from tpo_data.pit_training import GAP_MARKER, GapRewardModel, gap_batch_loss, gap_collator
+    from tpo_data.store import LocalStore
+
+    assert json.loads((pit_run["reward"] / GAP_MARKER).read_text())["kind"] == "pit-gap-reward"
+    rm = GapRewardModel(pit_run["reward"])
+    rows = LocalStore(pit_run["store"]).load("pit-sft-1", "train").to_list()[:2]
+    # The trainer's 4-per-example layout matches R(w,l), R(w,w), R(l,l), R(l,w) at inference.
+    batch = gap_collator(rm.tokenizer, 256)(rows)
+    trainer_loss, _ = gap_batch_loss(rm.model, batch)
+    scores = [rm.gap([r["instruction"] for r in rows], [r[a] for r in rows], [r[b] for r in rows])
+              for a, b in (("better", "reference"), ("better", "better"), ("reference", "reference"),
+                           ("reference", "better"))]
+    expected = gap_ranking_loss(*(torch.tensor(s) for s in scores))
+    assert trainer_loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    # An unchanged answer is exactly "no better", whatever level R(x, y, y) has.
+    assert rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])[0] == pytest.approx(0, abs=1e-5)
+
+
+def test_rl_step_both_rounds(pit_run, tmp_path):
+    from tpo_data.pit_training import main as train_main
+
+    common = ["--config", RECIPE, "--store", str(pit_run["store"]), "--reward_model", str(pit_run["reward"])]
+    round1 = train_main(["rl", *common, "--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl-1")])
+    assert (round1 / "model.safetensors").is_file()
+    # Round 2's references come from the policy, sampled by the distilabel pipeline. It runs as a
+    # script: its forked workers would hang on torch's thread pool, which this process has used.
+    done = run_script("pipelines/pit.py", "--config", RECIPE, "--store", str(pit_run["store"]), "--stage", "refs",
+                      "--model", str(round1), "--output_dir", str(tmp_path / "pipe"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pit-rl-refs-2" in done.stdout
+    round2 = train_main(["rl", *common, "--round", "2", "--model", str(round1), "--kl_reference",
+                         str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl-2")])
+    assert (round2 / "model.safetensors").is_file()
+
+
+def test_improve_cli(pit_run, capsys):
+    from tpo_data.cli import main as cli_main
+
+    cli_main(["improve", "--pit-model", str(pit_run["lm"]), "--reward-model", str(pit_run["reward"]),
+              "--instruction", "Explain the sky", "--answer", "No idea.", "--max-rounds", "2",
+              "--max-new-tokens", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["initial"] == "No idea." and 1 <= len(report["rounds"]) <= 2
+    assert all(isinstance(r["gap"], float) for r in report["rounds"])
+    for flags, problem in ((["--pit-model", "/nonexistent/pit"], "--pit-model"),
+                           (["--pit-model", str(pit_run["lm"]), "--reward-model", str(pit_run["lm"])],
+                            "not a PIT gap reward model")):
+        argv = ["improve", "--reward-model", str(pit_run["reward"]), "--instruction", "x", *flags]
+        try:
+            code = cli_main(argv)
+        except SystemExit as exited:
+            code = exited.code
+        assert code == 2
+        assert problem in capsys.readouterr().err
