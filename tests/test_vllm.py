@@ -1,0 +1,113 @@
+"""The vLLM engine: a real vLLM OpenAI server (CPU build) on a tiny model, head_dim 32.
+
+Skipped when vLLM is not installed, except under TPO_REQUIRE_VLLM=1 (scripts/test.sh).
+"""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script, vllm_python
+from tpo_data.vllm_server import VLLMServer
+
+pytestmark = pytest.mark.vllm
+RECIPE = "recipes/tpo-tiny-test.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(base_url: str, series: str) -> float:
+    """The value of one Prometheus series (name with its labels) on the server, 0 if absent."""
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm, tmp_path_factory):
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed (bash scripts/bootstrap.sh --vllm)")
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny",
+                    dtype="bfloat16", kvcache_gb=1, max_model_len=1024,
+                    log_path=log) as srv:
+        yield srv
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "iter-1" / "generations.jsonl").read_text().splitlines()]
+
+
+def test_k_samples_come_from_one_request_per_instruction(server, tmp_path):
+    route = 'http_requests_total{handler="/v1/chat/completions",method="POST",status="2xx"}'
+    before = metric(server.base_url, route)
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--engine", "vllm",
+                      "--base_url", server.base_url, "--model", str(server.model),
+                      "--output_dir", str(tmp_path / "o"), "--max_new_tokens", "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(tmp_path / "o")
+    assert len(rows) == 8 and all(len(r["generation"]) == 4 for r in rows)
+    assert all(r["model_name"] == "tiny" for r in rows)
+    # 8 instructions x K=4 samples, in 8 HTTP requests: n=K shares each prompt.
+    assert metric(server.base_url, route) - before == 8
+    assert "Samples: 32 for 8 instructions" in proc.stdout
+
+
+def test_pipeline_starts_and_stops_its_own_server(tiny_lm, tmp_path):
+    if vllm_python() is None:
+        pytest.skip("vLLM is not installed")
+    port = free_port()
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--engine", "vllm",
+                      "--model", str(tiny_lm), "--vllm_port", str(port), "--vllm_kvcache_gb", "1",
+                      "--vllm_max_model_len", "1024", "--instructions_per_iteration", "2",
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_rows(tmp_path / "o")) == 2
+    assert (tmp_path / "o" / "iter-1" / "vllm-server.log").exists()
+    with pytest.raises(OSError):  # the server is gone after the run
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+
+
+def test_server_dying_mid_run_loses_nothing(server, tiny_lm, tmp_path):
+    python = vllm_python()
+    doomed = VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny",
+                        kvcache_gb=1, max_model_len=1024, log_path=tmp_path / "doomed.log").start()
+    out = tmp_path / "o"
+    args = ["pipelines/tpo.py", "--config", RECIPE, "--engine", "vllm", "--model", str(tiny_lm),
+            "--input_batch_size", "1", "--max_new_tokens", "64", "--output_dir", str(out)]
+    proc = subprocess.Popen([sys.executable, *args, "--base_url", doomed.base_url], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = out / "iter-1" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while len(list(checkpoints.glob("*.jsonl"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    doomed.stop()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "returned no output for" in stderr and "rerun the" in stderr
+    # The finished batches were folded into the ledger.
+    finished = len((out / "iter-1" / "generations.jsonl").read_text().splitlines())
+    assert 2 <= finished < 8
+    assert not list(checkpoints.glob("*.jsonl"))
+
+    # Rerun against a live server: only the missing instructions are generated.
+    again = run_script(*args, "--base_url", server.base_url)
+    assert again.returncode == 0, again.stderr[-3000:]
+    redone = len(re.findall(r"Processing batch \d+ in 'generate'", again.stdout + again.stderr))
+    assert redone == 8 - finished
+    assert len(read_rows(out)) == 8
