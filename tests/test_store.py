@@ -431,3 +431,15 @@ def test_same_version_name_in_two_stores_loads_each_stores_rows(tmp_path: Path) 
     assert written[first.root] != written[second.root]
     assert first.load("iter-1").to_list() == written[first.root]
     assert second.load("iter-1").to_list() == written[second.root]
+
+
+def test_plots_skip_missing_scores() -> None:
+    # A parse failure kept as the rejected sample has no score (None).
+    from tpo_data.card import make_plots
+
+    pairs, candidates = make_iteration(1)
+    pairs = pairs.map(lambda row, i: {"rejected_score": None if i == 0 else row["rejected_score"]},
+                      with_indices=True)
+    assert pairs[0]["rejected_score"] is None
+    plots = make_plots(candidates, pairs)
+    assert all(png.startswith(b"\x89PNG") for png in plots.values())

@@ -92,6 +92,8 @@ def _histogram(title: str, xlabel: str, series: Mapping[str, Sequence[float]]) -
     fig = Figure(figsize=(6, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    # None marks "no score" (e.g. a parse failure kept as the rejected sample).
+    series = {label: [v for v in values if v is not None] for label, values in series.items()}
     everything = [v for values in series.values() for v in values]
     if everything:
         low, high = min(everything), max(everything)
@@ -148,7 +150,7 @@ def make_plots(candidates: datasets.Dataset, pairs: datasets.Dataset) -> dict[st
             "Judge scores",
             "score",
             {
-                "all candidates": [s for s in _column(candidates, "score") if s is not None],
+                "all candidates": _column(candidates, "score"),
                 "chosen": _column(pairs, "chosen_score"),
                 "rejected": _column(pairs, "rejected_score"),
             },
