@@ -9,13 +9,12 @@ import pytest
 import torch
 from distilabel.pipeline import Pipeline
 from distilabel.steps import LoadDataFromDicts, RewardModelScore
-from tiny_models import make_tiny_seqcls, make_tokenizer
+from tiny_models import make_tiny_seqcls, make_tokenizer, tiny_llama_config
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
 )
@@ -152,16 +151,7 @@ def test_bad_paths_name_problem_and_fix(tmp_path):
 
     causal = tmp_path / "causal"
     tokenizer = make_tokenizer(causal)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(causal)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, 32, 1)).save_pretrained(causal)
     for kind in ("auto", "sequence_classification"):
         with pytest.raises(TPODataError, match="not a reward model.*LlamaForCausalLM") as err:
             RewardModelScorer(str(causal), kind=kind)
@@ -171,16 +161,7 @@ def test_bad_paths_name_problem_and_fix(tmp_path):
 def test_multi_logit_head_and_broken_weights_are_refused(tmp_path):
     two = tmp_path / "two"
     tokenizer = make_tokenizer(two)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=2,
-    )
+    config = tiny_llama_config(tokenizer, 32, 1, num_labels=2)
     LlamaForSequenceClassification(config).save_pretrained(two)
     with pytest.raises(TPODataError, match="2-logit head"):
         RewardModelScorer(str(two))

@@ -66,7 +66,7 @@ def make_tokenizer(directory: str | Path, vocab_size: int = 400) -> PreTrainedTo
     return tokenizer
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, **extra) -> LlamaConfig:
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, **extra) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -88,7 +88,7 @@ def make_tiny_seqcls(directory: str | Path, *, hidden_size: int = 64, num_layers
     directory = Path(directory)
     tokenizer = make_tokenizer(directory)
     torch.manual_seed(seed)
-    config = _llama_config(tokenizer, hidden_size, num_layers, num_labels=1)
+    config = tiny_llama_config(tokenizer, hidden_size, num_layers, num_labels=1)
     model = LlamaForSequenceClassification(config).eval()
     # The default init gives a near-zero head; widen it so scores differ visibly between inputs.
     with torch.no_grad():
@@ -123,7 +123,7 @@ def make_tiny_armorm(
     directory = Path(directory)
     tokenizer = make_tokenizer(directory)
     torch.manual_seed(seed)
-    config = _llama_config(tokenizer, hidden_size, num_layers)
+    config = tiny_llama_config(tokenizer, hidden_size, num_layers)
     backbone = LlamaModel(config).eval()
     n = ARMORM_NUM_OBJECTIVES
     tensors = {f"model.{name}": t.detach().clone().contiguous() for name, t in backbone.state_dict().items()}
