@@ -47,17 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tpo-data", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="Run the TPO data pipeline (same as pipelines/tpo.py).",
-                         add_help=False)
-    gen.set_defaults(func=_run_tpo)
+    # These take a recipe (--config) plus TRL-style overrides; TrlParser reads them, --help included.
+    for name, (func, text) in _RECIPE_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False).set_defaults(func=func)
     for module in _COMMAND_MODULES:
         module.add_cli(sub)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "generate":
+    recipe_command = args.command in _RECIPE_COMMANDS
+    if rest and not recipe_command:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
-        status = args.func(rest) if args.command == "generate" else args.func(args)
+        status = args.func(rest) if recipe_command else args.func(args)
     except TPODataError as err:
         return report(err)
     return status if isinstance(status, int) else 0
@@ -67,6 +68,25 @@ def _run_tpo(rest: list[str]) -> None:
     from tpo_data.iteration import main as tpo_main
 
     tpo_main(rest)
+
+
+def _run_loop(rest: list[str]) -> None:
+    from tpo_data.loop import main as loop_main
+
+    loop_main(rest)
+
+
+def _run_eval(rest: list[str]) -> None:
+    from tpo_data.loop import eval_main
+
+    eval_main(rest)
+
+
+_RECIPE_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "generate": (_run_tpo, "Run the TPO data pipeline for one iteration (same as pipelines/tpo.py)."),
+    "iterate": (_run_loop, "Run the TPO loop: generate, judge, store, train, repeat; then evaluate."),
+    "eval": (_run_eval, "Held-out evaluation: win rates vs M0 and the direct baseline, parse rate."),
+}
 
 
 _COMMAND_MODULES: list = [cli_store, cli_pit, cli_argilla, cli_train]

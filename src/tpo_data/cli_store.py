@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
@@ -160,6 +161,13 @@ def _cmd_versions(args: argparse.Namespace) -> int:
         ]
         table.add_row(*row)
     Console().print(table if found else f"{title}: none")
+    if not args.repo:
+        from tpo_data.loop import format_lineage, read_lineage
+
+        # A loop's store sits in its output folder, beside the loop's lineage.
+        lineage = read_lineage(Path(args.store).parent)
+        if lineage:
+            Console().print("Lineage (tpo-data iterate):\n" + format_lineage(lineage), highlight=False)
     return 0
 
 

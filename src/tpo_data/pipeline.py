@@ -64,6 +64,16 @@ class RunArguments:
         metadata={"help": "Local dataset store the iteration is written to as version iter-N "
                   "(default: <output_dir>/store)."},
     )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset repo (namespace/name, e.g. you/tpo-pairs) to publish "
+                  "version iter-N to, tagged iter-N, like `tpo-data publish`; created if "
+                  "missing. Token from HF_TOKEN or `hf auth login`, checked before generating. "
+                  "Rerunning a published iteration pushes nothing."},
+    )
+    hub_private: bool = field(
+        default=False, metadata={"help": "Create the --push_to_hub repo as private if missing."}
+    )
 
     def iteration_dir(self) -> Path:
         return Path(self.output_dir) / f"iter-{self.iteration}"
@@ -138,12 +148,12 @@ def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArgumen
                                  input_batch_size=batch_size)
     args, reuse = judge_engine_args(judge, engine, same_model=judge_path == model_path)
     jsampling = judge_sampling(judge, sampling)
-    base_url, served = policy if reuse else _endpoint(
+    base_url, served = policy if reuse else start_endpoint(
         args, judge_path, jsampling, out_dir, stack, "vllm-judge-server.log"
     )
     llm = build_llm(args, jsampling, judge_path, base_url, served)
     return functools.partial(PairwiseJudge, name="judge", llm=llm, mode=judge.judge_mode,
-                             input_batch_size=batch_size)
+                             force_verdict=judge.force_verdict, input_batch_size=batch_size)
 
 
 def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
@@ -248,9 +258,13 @@ class GenerationResult:
 def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArguments,
                      sampling: SamplingArguments, run: RunArguments, model_path: str,
                      judge: JudgeArguments | None = None,
-                     judge_path: str | None = None) -> GenerationResult:
-    """Generate, split and judge K samples for every row, resuming whatever is already done."""
-    out_dir = run.iteration_dir()
+                     judge_path: str | None = None,
+                     out_dir: Path | None = None) -> GenerationResult:
+    """Generate, split and judge K samples for every row, resuming whatever is already done.
+
+    Everything is written to ``out_dir`` (default: the iteration's folder).
+    """
+    out_dir = out_dir or run.iteration_dir()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
@@ -259,7 +273,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
         log.info("Generating %d samples for each of %d instructions (%d already done)",
                  sampling.num_samples, len(pending), len(rows) - len(pending))
         with ExitStack() as stack:
-            base_url, served = _endpoint(engine, model_path, sampling, out_dir, stack)
+            base_url, served = start_endpoint(engine, model_path, sampling, out_dir, stack)
             llm = build_llm(engine, sampling, model_path, base_url, served)
             judge_step = _judge_factory(
                 judge, judge_path or model_path, engine, sampling, model_path, (base_url, served),
@@ -297,7 +311,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     return GenerationResult(ordered, ledger.path, samples, parsed)
 
 
-def _endpoint(engine: EngineArguments, model_path: str, sampling: SamplingArguments,
+def start_endpoint(engine: EngineArguments, model_path: str, sampling: SamplingArguments,
               out_dir: Path, stack: ExitStack,
               log_name: str = "vllm-server.log") -> tuple[str | None, str | None]:
     """Start vLLM when asked to, and check any endpoint before the pipeline starts."""

@@ -209,7 +209,7 @@ def sample_references(args: PITPipelineArguments, engine: EngineArguments, sampl
     from distilabel.steps.tasks import TextGeneration
 
     from tpo_data.models import resolve_model
-    from tpo_data.pipeline import _endpoint
+    from tpo_data.pipeline import start_endpoint
 
     store = LocalStore(args.store)
     store.check_new(args.refs_version)
@@ -220,7 +220,7 @@ def sample_references(args: PITPipelineArguments, engine: EngineArguments, sampl
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        base_url, served = _endpoint(engine, model_path, sampling, out_dir, stack)
+        base_url, served = start_endpoint(engine, model_path, sampling, out_dir, stack)
         llm = build_llm(engine, sampling, model_path, base_url, served)
         with Pipeline(name=f"pit-refs-{args.refs_version}", cache_dir=out_dir / ".distilabel-cache") as pipeline:
             load = LoadDataFromDicts(name="load", data=rows, batch_size=args.input_batch_size)

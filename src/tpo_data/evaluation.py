@@ -1,0 +1,277 @@
+"""Held-out evaluation of a TPO loop (``tpo-data eval``): does thinking help?
+
+On the recipe's held-out instructions (``--holdout_size``; no iteration ever
+trains on them), every model answers once: the seed model M0 and each trained
+model M_t with the recipe's thought prompt, the direct-response baseline (if
+any) with the plain instruction. The judge of the recipe then compares, per
+instruction, M_t against M0 and every thought model against the baseline. It
+sees the instruction and the two responses only (never a thought; an output
+that did not split is shown whole), in both orders; ties and unparsable
+verdicts count as half (:mod:`tpo_data.eval_metrics`).
+
+Also reported per model: parse rate (format adherence) and mean thought and
+response length. Output in ``--eval_dir`` (default ``<output_dir>/eval``):
+``report.json``, ``report.md``, ``win_rate.png``, ``lengths.png``,
+``categories.png``; each model's answers in ``outputs/<name>/``. Answers and
+judgments are saved as they come, so a rerun redoes nothing.
+
+Models default to the loop's: M0 is ``--model``, M_t is
+``<output_dir>/models/iter-t`` and the baseline is the last model of the
+direct-response loop in ``<output_dir>/direct`` (``tpo-data iterate --baseline``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
+from tpo_data.errors import TPODataError
+from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
+from tpo_data.eval_report import write_report
+from tpo_data.instructions import InstructionArguments, load_instructions, select_holdout_rows
+from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
+from tpo_data.models import resolve_model
+from tpo_data.pipeline import RunArguments, generate_samples, start_endpoint
+from tpo_data.prompts import load_prompt
+from tpo_data.verdicts import neutralize
+
+log = logging.getLogger("tpo_data")
+
+SEED_NAME = "M0"
+BASELINE_NAME = "direct"
+REPORT = "report.json"
+
+
+@dataclass
+class EvalArguments:
+    """What ``tpo-data eval`` compares (everything else comes from the TPO recipe)."""
+
+    eval_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Models to evaluate, in order, as NAME=PATH (the first is the reference, "
+                  "like M0). Default: the loop's M0 (--model) and <output_dir>/models/iter-*."},
+    )
+    eval_baseline: str | None = field(
+        default=None,
+        metadata={"help": "Direct-response baseline model as NAME=PATH (answers the plain "
+                  "instruction). Default: the last model of <output_dir>/direct, if any."},
+    )
+    eval_size: int = field(
+        default=0, metadata={"help": "Held-out instructions to use (0: all --holdout_size of them)."}
+    )
+    eval_dir: str | None = field(
+        default=None, metadata={"help": "Report folder (default: <output_dir>/eval)."}
+    )
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    name: str
+    path: str
+    prompt: str  # thought prompt it answers with
+    baseline: bool = False
+
+
+def _named(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise TPODataError(f"Model {spec!r} is not NAME=PATH.",
+                           "Name every model, for example --eval_models M0=embedded M1=out/models/iter-1")
+    return name, path
+
+
+def loop_models(output_dir: str | Path, seed_model: str) -> list[tuple[str, str]]:
+    """(name, path) of M0 and of every finished model M_t of the loop in ``output_dir``."""
+    from tpo_data.loop import trained_models
+
+    return [(SEED_NAME, seed_model)] + [(f"M{t}", str(p)) for t, p in trained_models(output_dir)]
+
+
+def resolve_models(args: EvalArguments, run: RunArguments, engine: EngineArguments) -> list[EvalModel]:
+    from tpo_data.loop import baseline_dir, trained_models
+
+    named = [_named(s) for s in args.eval_models] or loop_models(run.output_dir, engine.model)
+    models = [EvalModel(n, p, run.thought_prompt) for n, p in named]
+    if args.eval_baseline:
+        models.append(EvalModel(*_named(args.eval_baseline), "direct", baseline=True))
+    elif (found := trained_models(baseline_dir(run.output_dir))):
+        models.append(EvalModel(BASELINE_NAME, str(found[-1][1]), "direct", baseline=True))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise TPODataError(f"Model names repeat: {names}.", "Give every model its own NAME.")
+    if len(models) < 2:
+        raise TPODataError(
+            f"Only {len(models)} model to evaluate ({names[0]}): nothing to compare it with.",
+            "Train at least one iteration first (tpo-data iterate), or pass --eval_models "
+            "M0=PATH M1=PATH.",
+        )
+    return models
+
+
+def holdout_rows(instructions: InstructionArguments, size: int) -> list[dict]:
+    if instructions.holdout_size < 1:
+        raise TPODataError(
+            "The recipe holds out no instructions (--holdout_size 0), so nothing is left to "
+            "evaluate on without testing on training data.",
+            "Set --holdout_size (the built-in recipes hold out 40) before the first iteration.",
+        )
+    rows = select_holdout_rows(load_instructions(instructions), instructions)
+    return rows[:size] if size else rows
+
+
+def answer(model: EvalModel, rows: list[dict], engine: EngineArguments, sampling: SamplingArguments,
+           run: RunArguments, folder: Path) -> list[dict]:
+    """One sample per held-out instruction from ``model`` (resumable, like a TPO iteration)."""
+    log.info("Evaluation: %s answers %d held-out instructions", model.name, len(rows))
+    path = str(resolve_model(model.path))
+    result = generate_samples(
+        rows, load_prompt(model.prompt), replace(engine, model=model.path),
+        replace(sampling, num_samples=1), run, path, out_dir=folder / "outputs" / model.name,
+    )
+    return result.rows
+
+
+class JudgmentCache:
+    """Verdicts already obtained, keyed by judge and exact judge input (``judgments.jsonl``)."""
+
+    def __init__(self, path: Path, judge_label: str):
+        self.path, self.label = path, judge_label
+        self.entries: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+
+    def key(self, call: tuple[str, str, str]) -> str:
+        return hashlib.sha256(json.dumps([self.label, *call]).encode()).hexdigest()
+
+    def add(self, call: tuple[str, str, str], entry: dict) -> None:
+        entry = {"key": self.key(call), **entry}
+        self.entries[entry["key"]] = entry
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+def _pairwise_verdicts(calls: list[tuple[str, str, str]], judge: JudgeArguments,
+                       engine: EngineArguments, sampling: SamplingArguments, judge_path: str,
+                       cache: JudgmentCache, folder: Path) -> list[dict]:
+    todo = list(dict.fromkeys(c for c in calls if cache.key(c) not in cache.entries))
+    if todo:
+        log.info("Evaluation: %d judge calls (%d cached)", len(todo), len(calls) - len(todo))
+        judge_engine, _ = judge_engine_args(judge, engine, same_model=False)
+        judge_sampling_args = judge_sampling(judge, sampling)
+        with ExitStack() as stack:
+            base_url, served = start_endpoint(judge_engine, judge_path, judge_sampling_args, folder,
+                                              stack, log_name="vllm-judge.log")
+            llm = build_llm(judge_engine, judge_sampling_args, judge_path, base_url, served)
+            llm.load()
+            # Saved in chunks: an interrupted evaluation keeps what was judged.
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                for call, verdict in zip(chunk, judge_calls(llm, chunk, judge.force_verdict)):
+                    cache.add(call, {"r": verdict.r, "forced": verdict.forced})
+    return [cache.entries[cache.key(c)] for c in calls]
+
+
+def _reward_verdicts(calls: list[tuple[str, str, str]], judge_path: str,
+                     cache: JudgmentCache) -> list[dict]:
+    """A point-wise reward model as a comparison: r = sign(reward(a) - reward(b))."""
+    from tpo_data.reward_models import RewardModelScorer
+
+    todo = list(dict.fromkeys(c for c in calls if cache.key(c) not in cache.entries))
+    if todo:
+        scorer = RewardModelScorer(judge_path)
+        texts = list(dict.fromkeys((c[0], t) for c in todo for t in c[1:]))
+        rewards = dict(zip(texts, scorer.score([t[0] for t in texts], [t[1] for t in texts])))
+        for call in todo:
+            a, b = rewards[(call[0], call[1])], rewards[(call[0], call[2])]
+            cache.add(call, {"r": (a > b) - (a < b), "forced": False})
+    return [cache.entries[cache.key(c)] for c in calls]
+
+
+def evaluate(instructions: InstructionArguments, engine: EngineArguments,
+             sampling: SamplingArguments, run: RunArguments, judge: JudgeArguments,
+             args: EvalArguments) -> dict[str, Any]:
+    """Answer, judge, and write the report; return the report dict."""
+    if judge.judge == "none":
+        raise TPODataError("The evaluation needs a judge, and the recipe sets --judge none.",
+                           "Pass --judge pairwise (an LLM judge) or --judge reward_model.")
+    models = resolve_models(args, run, engine)
+    rows = holdout_rows(instructions, args.eval_size)
+    folder = Path(args.eval_dir) if args.eval_dir else Path(run.output_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    eval_run = replace(run, output_dir=str(folder), iteration=0,
+                       cache_dir=run.cache_dir or str(folder / ".distilabel-cache"))
+    answers = {m.name: answer(m, rows, engine, sampling, eval_run, folder) for m in models}
+
+    seed_path = str(resolve_model(models[0].path))
+    judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    label = f"{judge.judge} {judge.judge_model}" + (
+        f" ({judge.judge_engine or engine.engine})" if judge.judge == "pairwise" else "")
+    cache = JudgmentCache(folder / "judgments.jsonl", json.dumps(
+        [label, judge.judge_max_new_tokens, judge.judge_temperature, judge.force_verdict,
+         judge_path]))
+
+    def shown(name: str, i: int) -> str:
+        row = answers[name][i]
+        text = shown_response(row["generation"][0], row["responses"][0], bool(row["parsed"][0]))
+        return neutralize(text)
+
+    reference = models[0]
+    baseline = models[-1] if models[-1].baseline else None
+    compared = [m for m in models if m is not baseline]
+    pairs = [(m.name, reference.name) for m in compared[1:]]
+    pairs += [(m.name, baseline.name) for m in compared] if baseline else []
+    calls = [(rows[i]["instruction"], *((shown(x, i), shown(y, i)) if order == 0
+                                        else (shown(y, i), shown(x, i))))
+             for x, y in pairs for i in range(len(rows)) for order in (0, 1)]
+    if judge.judge == "pairwise":
+        verdicts = _pairwise_verdicts(calls, judge, engine, sampling, judge_path, cache, folder)
+    else:
+        verdicts = _reward_verdicts(calls, judge_path, cache)
+
+    comparisons = []
+    categories = [r.get("category") or "uncategorized" for r in rows]
+    for p, (x, y) in enumerate(pairs):
+        block = verdicts[p * 2 * len(rows):(p + 1) * 2 * len(rows)]
+        outcomes = [outcome(block[2 * i]["r"], block[2 * i + 1]["r"]) for i in range(len(rows))]
+        comparisons.append({
+            "model": x, "reference": y, "overall": win_rate(outcomes).as_dict(),
+            "categories": {c: w.as_dict() for c, w in by_category(outcomes, categories).items()},
+            "outcomes": outcomes,
+        })
+    report = {
+        "instructions": len(rows),
+        "holdout_ids": [r["id"] for r in rows],
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed},
+        "judge": {"label": label, "settings": asdict(judge), "calls": len(verdicts),
+                  "unparsable": sum(v["r"] == 0 for v in verdicts),
+                  "forced": sum(bool(v.get("forced")) for v in verdicts)},
+        "models": [{"name": m.name, "path": m.path, "prompt": m.prompt, "baseline": m.baseline,
+                    "stats": output_stats(answers[m.name])} for m in models],
+        "comparisons": comparisons,
+        "report_dir": str(folder),
+    }
+    (folder / REPORT).write_text(json.dumps(report, indent=2, default=str))
+    write_report(report, folder)
+    return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few lines for the console: parse rates and win rates."""
+    lines = ["Parse rate: " + ", ".join(
+        f"{m['name']} {m['stats']['parse_rate']:.1%}" for m in report["models"])]
+    for c in report["comparisons"]:
+        w = c["overall"]
+        lines.append(f"Win rate {c['model']} vs {c['reference']}: {w['win_rate']:.1%} "
+                     f"(± {w['ci95']:.1%}, n={w['n']})")
+    lines.append(f"Report: {Path(report['report_dir']) / 'report.md'} (plots beside it)")
+    return "\n".join(lines)
