@@ -129,11 +129,17 @@ def client_env(tmp: Path, endpoint: str | None, token: str) -> dict[str, str]:
 
 
 def run_client(
-    backend: Backend, args: list[str], payload: dict[str, Any] | None = None
+    backend: Backend,
+    args: list[str],
+    payload: dict[str, Any] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python <args> [payload]`` with the backend's env; no token may be in its output."""
     command = [sys.executable, *args, *([json.dumps(payload)] if payload is not None else [])]
-    result = subprocess.run(command, env=backend.env, capture_output=True, text=True, timeout=180)
+    env = backend.env if env is None else env
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     CAPTURED.extend([result.stdout, result.stderr])
     token = backend.env["HF_TOKEN"]
     assert token not in result.stdout and token not in result.stderr, (
@@ -503,6 +509,127 @@ def test_tampered_version_is_not_published(
     assert (
         "dataset/stand-in-user/tpo-tampered" not in standin.hub.repos
     )  # refused before any upload
+
+
+# -- the pipeline's --push_to_hub (stand-in only) ---------------------------------------------
+
+TINY_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tpo-tiny-test.yaml")
+
+PUSH_ITERATION = """
+import json, sys
+from tpo_data.errors import TPODataError
+from tpo_data.hub import push_iteration
+from tpo_data.store import LocalStore
+
+a = json.loads(sys.argv[1])
+try:
+    print(json.dumps({"ok": True, "out": push_iteration(LocalStore(a["store"]), a["version"],
+                                                        a["repo"], backoff=0.01)}))
+except TPODataError as err:
+    print(json.dumps({"ok": False, "error": str(err)}))
+"""
+
+
+def pipeline_args(tiny_lm: Path, rm: Path, out: Path, *extra: str) -> list[str]:
+    """``tpo-data generate`` on the tiny recipe: 2 instructions x 3 samples, a tiny reward model."""
+    return [
+        "-m", "tpo_data.cli", "generate", "--config", TINY_RECIPE, "--model", str(tiny_lm),
+        "--output_dir", str(out), "--thought_prompt", "direct",  # noise parses only as direct
+        "--instructions_per_iteration", "2", "--num_samples", "3",
+        "--judge", "reward_model", "--judge_model", str(rm), *extra,
+    ]  # fmt: skip
+
+
+def test_pipeline_push_to_hub_is_idempotent(
+    standin: Backend, fresh_faults: HubStandin, tiny_lm: Path, module_tmp: Path
+) -> None:
+    from tiny_models import make_tiny_seqcls
+
+    hub = fresh_faults
+    repo = standin.repo("tpo-pipeline-push")
+    rm = make_tiny_seqcls(module_tmp / "tiny-rm")
+    out = module_tmp / "pipeline-run"
+    args = pipeline_args(tiny_lm, rm, out, "--push_to_hub", repo)
+
+    first = run_client(standin, args, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"Hub: published iter-1 to {repo}" in first.stdout
+    commit = hub.repo(repo).tags["iter-1"]
+    assert hub.repo(repo).branches["main"] == commit and len(hub.history(repo)) == 2
+
+    local = LocalStore(out / "store")
+    loaded_path = module_tmp / "pipeline-loaded.json"
+    run_client(standin, ["-c", LOAD], {"repo": repo, "tags": ["iter-1"], "out": str(loaded_path)})
+    got = json.loads(loaded_path.read_text())["iter-1"]
+    assert got["commit"] == commit
+    cache = str(module_tmp / "pipeline-datasets-cache")
+    for config in ("pairs", "candidates"):
+        rows = canonical(local.load("iter-1", config, cache_dir=cache).to_list())
+        assert got["rows"][config] == rows
+    assert len(got["rows"]["pairs"]) >= 1 and len(got["rows"]["candidates"]) == 6
+    assert got["hashes"] == tree_hashes(local.path("iter-1"))  # the exact local bytes
+
+    # Rerunning the finished iteration: exit 0, nothing generated or pushed.
+    before = tree_hashes(local.path("iter-1"))
+    again = run_client(standin, args, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"iter-1 is already published to {repo}" in again.stdout
+    assert "nothing pushed" in again.stdout
+    assert len(hub.history(repo)) == 2 and hub.repo(repo).tags == {"iter-1": commit}
+    assert tree_hashes(local.path("iter-1")) == before
+
+    # Different local data under the same tag is refused, and nothing is pushed.
+    other = LocalStore(module_tmp / "pipeline-other-store")
+    write_test_iteration(other, 1)
+    refused = json.loads(
+        run_client(
+            standin,
+            ["-c", PUSH_ITERATION],
+            {"store": str(other.root), "version": "iter-1", "repo": repo},
+        ).stdout.splitlines()[-1]
+    )
+    assert not refused["ok"]
+    assert f"tag iter-1 in {repo} (commit {commit[:12]}) holds different data" in refused["error"]
+    assert "--tag iter-1-rerun" in refused["error"] and "How to fix" in refused["error"]
+    assert len(hub.history(repo)) == 2 and hub.repo(repo).tags == {"iter-1": commit}
+
+
+def test_pipeline_push_to_hub_without_token_fails_before_generation(
+    standin: Backend, tiny_lm: Path, module_tmp: Path
+) -> None:
+    env = {k: v for k, v in standin.env.items() if k != "HF_TOKEN"}
+    env["HF_HOME"] = str(module_tmp / "hf_home_empty")  # no saved login either
+    out = module_tmp / "pipeline-no-token"
+    result = run_client(
+        standin,
+        pipeline_args(tiny_lm, tiny_lm, out, "--push_to_hub", "stand-in-user/tpo-no-token"),
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "no Hugging Face token" in result.stderr and "HF_TOKEN" in result.stderr
+    assert "hf auth login" in result.stderr and "How to fix" in result.stderr
+    assert not out.exists()  # nothing generated, not even the run folder
+    assert "dataset/stand-in-user/tpo-no-token" not in standin.hub.repos
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--judge", "none"], "--judge none only generates samples"),
+        (["--judge", "reward_model", "--push_to_hub", "not a repo"], "is not a Hub dataset repo"),
+        (["--judge", "reward_model", "--push_to_hub", "no-namespace"], "namespace/name"),
+    ],
+)
+def test_pipeline_push_to_hub_bad_options_fail_before_generation(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    from tpo_data.errors import TPODataError
+    from tpo_data.iteration import main as tpo_main
+
+    args = ["--config", TINY_RECIPE, "--output_dir", str(tmp_path / "o"), "--push_to_hub", "u/r"]
+    with pytest.raises(TPODataError, match=message):
+        tpo_main([*args, *extra])
+    assert not (tmp_path / "o").exists()
 
 
 STANDIN_EXTRAS = """

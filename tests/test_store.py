@@ -298,6 +298,42 @@ def test_killed_process_mid_write_leaves_no_visible_version(tmp_path: Path) -> N
     assert [m["version"] for m in store.versions()] == ["iter-1"]
 
 
+def test_stale_tmp_folders_are_ignored_and_removed_on_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Crashed writes (.tmp-*) are never versions; the next write removes only old ones."""
+    import time
+
+    from tpo_data.store import STALE_TMP_AGE_S
+
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1)
+    old = time.time() - STALE_TMP_AGE_S - 60
+    stale, fresh, touched = (store.root / f".tmp-{name}" for name in ("stale", "fresh", "touched"))
+    for folder in (stale, fresh, touched):
+        (folder / "data" / "pairs").mkdir(parents=True)
+        (folder / MANIFEST).write_text("{}")  # even with a manifest it is not a version
+        (folder / "data" / "pairs" / "part.parquet").write_bytes(b"half")
+    for folder in (stale, touched):
+        for path in [*folder.rglob("*"), folder]:
+            os.utime(path, (old, old))
+    # A concurrent writer just wrote deep inside an old folder: it is in use.
+    os.utime(touched / "data" / "pairs" / "part.parquet")
+
+    assert [m["version"] for m in store.versions()] == ["iter-1"]
+    assert cli_main(["versions", "--store", str(store.root), "--json"]) == 0
+    assert [m["version"] for m in json.loads(capsys.readouterr().out)] == ["iter-1"]
+    assert cli_main(["versions", "--store", str(store.root)]) == 0
+    assert ".tmp-" not in capsys.readouterr().out
+    assert stale.is_dir()  # reading never deletes
+
+    write_test_iteration(store, 2)
+    assert not stale.exists() and fresh.is_dir() and touched.is_dir()
+    assert [m["version"] for m in store.versions()] == ["iter-1", "iter-2"]
+    assert sorted(store.remove_stale_tmp(max_age_s=-1)) == [fresh.name, touched.name]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_verify_detects_changes(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     folder = write_test_iteration(store, 1)

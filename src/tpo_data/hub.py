@@ -15,6 +15,11 @@ commit succeeded; the local version is only read. Retrying a commit whose answer
 was lost is safe: the retry sees identical files on ``main`` and tags that commit
 instead of making a duplicate. Tokens never reach messages: every error text
 passes through :func:`tpo_data.secrets.scrub`.
+
+The pipeline's ``--push_to_hub`` goes through :func:`check_push_to_hub` (before any
+generation: a token, a valid repo id, a judge) and :func:`push_iteration`, which calls
+:func:`publish_version` unless the tag already holds the same manifest, so rerunning a
+finished, published iteration pushes nothing.
 """
 
 from __future__ import annotations
@@ -116,10 +121,12 @@ def _retrying(
     max_retries: int,
     backoff: float,
     passthrough: tuple[type[BaseException], ...] = (),
+    fix: str | None = None,
 ) -> T:
     """Run ``call``, retrying transient failures; raise a scrubbed TPODataError otherwise.
 
-    Exceptions of the ``passthrough`` types are re-raised unchanged for the caller to handle.
+    Exceptions of the ``passthrough`` types are re-raised unchanged for the caller to handle;
+    ``fix`` replaces the default advice of the final error.
     """
     for attempt in range(max_retries + 1):
         try:
@@ -134,7 +141,7 @@ def _retrying(
                 )
                 time.sleep(delay)
                 continue
-            raise _hub_error(err, what) from None
+            raise _hub_error(err, what, fix) from None
     raise AssertionError("unreachable")
 
 
@@ -251,45 +258,49 @@ def _commit_version(
     raise AssertionError("unreachable")
 
 
+class _TagConflict(Exception):
+    """HTTP 409 from the tag endpoint: the tag exists (maybe from our own lost request)."""
+
+
 def _create_tag(
     api: Any, repo_id: str, tag: str, commit: str, message: str, *, max_retries: int, backoff: float
 ) -> None:
-    for attempt in range(max_retries + 1):
+    def create() -> None:
         try:
             api.create_tag(
                 repo_id, tag=tag, revision=commit, repo_type=REPO_TYPE, tag_message=message
             )
-            return
-        except Exception as err:  # classified below, re-raised scrubbed
+        except Exception as err:  # a 409 is decided below, everything else by _retrying
             if _first_status(err) == 409:
-                target = _retrying(
-                    lambda: _tag_target(api, repo_id, tag),
-                    f"read the tags of {repo_id}",
-                    max_retries=max_retries,
-                    backoff=backoff,
-                )
-                if target == commit:
-                    return  # an earlier attempt created it but its answer was lost
-                raise TPODataError(
-                    f"tag {tag} was created in {repo_id} by someone else "
-                    f"(commit {str(target)[:12]}) while publishing; "
-                    f"commit {commit[:12]} is on main but untagged",
-                    f"publish again under a new name (`--tag {tag}-rerun`); the upload is reused",
-                ) from None
-            if _is_transient(err) and attempt < max_retries:
-                delay = _delay(attempt, backoff)
-                logger.warning(
-                    "tag %s: transient error, retrying in %.1fs: %s", tag, delay, _describe(err)
-                )
-                time.sleep(delay)
-                continue
-            raise _hub_error(
-                err,
-                f"create tag {tag} on commit {commit[:12]} of {repo_id}",
-                "the data is committed on main but not tagged; "
-                "run the same `tpo-data publish` command again "
-                "(it reuses the commit and only creates the tag)",
-            ) from None
+                raise _TagConflict from None
+            raise
+
+    try:
+        _retrying(
+            create,
+            f"create tag {tag} on commit {commit[:12]} of {repo_id}",
+            max_retries=max_retries,
+            backoff=backoff,
+            passthrough=(_TagConflict,),
+            fix="the data is committed on main but not tagged; "
+            "run the same `tpo-data publish` command again "
+            "(it reuses the commit and only creates the tag)",
+        )
+    except _TagConflict:
+        target = _retrying(
+            lambda: _tag_target(api, repo_id, tag),
+            f"read the tags of {repo_id}",
+            max_retries=max_retries,
+            backoff=backoff,
+        )
+        if target == commit:
+            return  # an earlier attempt created it but its answer was lost
+        raise TPODataError(
+            f"tag {tag} was created in {repo_id} by someone else "
+            f"(commit {str(target)[:12]}) while publishing; "
+            f"commit {commit[:12]} is on main but untagged",
+            f"publish again under a new name (`--tag {tag}-rerun`); the upload is reused",
+        ) from None
 
 
 def publish_version(
@@ -403,3 +414,99 @@ def hub_versions(
     return sorted(
         found, key=lambda m: (m.get("iteration") is None, m.get("iteration") or 0, m["tag"])
     )
+
+
+# -- the pipeline's --push_to_hub ----------------------------------------------------------
+
+
+def check_push_to_hub(repo_id: str | None, *, judged: bool, token: str | None = None) -> None:
+    """Refuse a ``--push_to_hub`` that cannot succeed, before any generation starts.
+
+    Checks that there will be pairs to publish, that ``repo_id`` is a ``namespace/name``
+    dataset id and that a token is available (it is registered as a secret, never printed).
+    """
+    if not repo_id:
+        return
+    if not judged:
+        raise TPODataError(
+            f"--push_to_hub {repo_id} needs pairs, but --judge none only generates samples",
+            "pass --judge pairwise or --judge reward_model, or drop --push_to_hub",
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise TPODataError(
+            f"--push_to_hub {repo_id!r} is not a Hub dataset repo id",
+            "pass it as namespace/name, for example --push_to_hub your-user/tpo-pairs",
+        )
+    _resolve_token(token, required=True)
+
+
+def push_iteration(
+    store: LocalStore,
+    version: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    max_retries: int = 5,
+    backoff: float = 1.0,
+) -> str:
+    """Publish ``version`` like ``tpo-data publish`` (tag = version), idempotently.
+
+    If the tag already holds a version with the same manifest, nothing is pushed; if it holds
+    anything else, a TPODataError says so. Returns the lines to print.
+    """
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    token = _resolve_token(token, required=True)
+    api = _api(token)
+    local_sha = sha256_file(store.path(version) / MANIFEST)
+    try:
+        target = _retrying(
+            lambda: _tag_target(api, repo_id, version),
+            f"read the tags of {repo_id}",
+            max_retries=max_retries,
+            backoff=backoff,
+            passthrough=(RepositoryNotFoundError,),
+        )
+    except RepositoryNotFoundError:
+        target = None  # publish_version creates the repo
+    load_hint = f'load it with: load_dataset("{repo_id}", "pairs", revision="{version}")'
+    if target is not None:
+        try:
+            remote_sha = hub_manifest(repo_id, target, token=token, max_retries=max_retries)[
+                "manifest_sha256"
+            ]
+        except NoManifestError:
+            remote_sha = None
+        if remote_sha == local_sha:
+            logger.info("%s is already published to %s; nothing pushed", version, repo_id)
+            return (
+                f"Hub: {version} is already published to {repo_id} (tag {version}, commit "
+                f"{target[:12]}, same manifest); nothing pushed\n{load_hint}"
+            )
+        raise TPODataError(
+            f"tag {version} in {repo_id} (commit {target[:12]}) holds different data than the "
+            f"local {version} in {store.root} (manifest sha256 "
+            f"{(remote_sha or 'none')[:12]} on the Hub, {local_sha[:12]} here); "
+            "published versions are immutable, so nothing was pushed",
+            f"publish the local data under a new tag (`tpo-data publish {version} --store "
+            f"{store.root} --repo {repo_id} --tag {version}-rerun`), push to another repo "
+            "(--push_to_hub), or delete the tag on the Hub first if it was published by mistake",
+        )
+    commit = publish_version(
+        store,
+        version,
+        repo_id,
+        token=token,
+        private=private,
+        max_retries=max_retries,
+        backoff=backoff,
+    )
+    return f"Hub: published {version} to {repo_id}: commit {commit}, tag {version}\n{load_hint}"

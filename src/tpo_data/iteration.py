@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from tpo_data import hub
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.instructions import (
@@ -135,10 +136,14 @@ def main(argv: list[str] | None = None) -> GenerationResult:
 
     parser = TrlParser(ARGUMENT_TYPES)
     instructions, engine, sampling, run, judge = parser.parse_args_and_config(argv)
+    hub.check_push_to_hub(run.push_to_hub, judged=judge.judge != "none")
     result = run_generation(instructions, engine, sampling, run, judge)
     print(summarize_generation(result))
     if judge.judge != "none":
         stats = write_pairs(result, load_prompt(run.thought_prompt), engine, sampling, run, judge)
         print(format_stats(stats))
         print(f"Dataset: {stats['store']} (configs pairs, candidates)")
+        if run.push_to_hub:
+            print(hub.push_iteration(LocalStore(run.store_dir()), f"iter-{run.iteration}",
+                                     run.push_to_hub, private=run.hub_private))
     return result

@@ -14,17 +14,21 @@ so ``datasets.load_dataset("<root>/<version>", "pairs")`` reads it directly and
 
 A version is built in a hidden ``<root>/.tmp-<uuid>`` folder, fsynced, and then
 renamed into place, so a crash never leaves a half-written visible version, and
-an existing version is never overwritten.
+an existing version is never overwritten. A ``.tmp-*`` folder left by a crash is
+never listed as a version and is removed by the next write once nothing in it has
+changed for :data:`STALE_TMP_AGE_S` (younger ones may belong to a concurrent writer).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -38,7 +42,12 @@ from tpo_data.secrets import scrub
 if TYPE_CHECKING:
     import datasets
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+# A writer touches its .tmp folder every few seconds; an hour of silence means it died.
+STALE_TMP_AGE_S = 3600.0
 CARD = "README.md"
 PIPELINE = "pipeline.yaml"
 # Valid as a folder name and as a git tag, so a local version can be published under its own name.
@@ -161,6 +170,35 @@ class LocalStore:
             if _is_version_name(p.name) and (p / MANIFEST).is_file()
         )
 
+    def remove_stale_tmp(self, max_age_s: float = STALE_TMP_AGE_S) -> list[str]:
+        """Delete ``.tmp-*`` folders (crashed writes) unchanged for ``max_age_s``; return names.
+
+        Age is that of the newest entry inside, so a folder a concurrent writer is still
+        filling is kept.
+        """
+        if not self.root.is_dir():
+            return []
+        removed = []
+        cutoff = time.time() - max_age_s
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+            if tmp.is_symlink() or not tmp.is_dir():
+                continue
+            try:
+                newest = max([tmp.lstat().st_mtime, *(p.lstat().st_mtime for p in tmp.rglob("*"))])
+            except OSError:  # removed meanwhile by another writer
+                continue
+            if newest < cutoff:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp.name)
+        if removed:
+            logger.info(
+                "removed %d stale unfinished write(s) from %s: %s",
+                len(removed),
+                self.root,
+                ", ".join(sorted(removed)),
+            )
+        return removed
+
     def check_new(self, version: str) -> None:
         """Raise unless ``version`` is a valid name that does not exist yet."""
         check_version_name(version)
@@ -193,7 +231,8 @@ class LocalStore:
                 )
         extras = {_safe_relative(rel): data for rel, data in (extra_files or {}).items()}
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        self.remove_stale_tmp()
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             from tpo_data.card import data_file_path
