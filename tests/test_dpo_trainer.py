@@ -161,10 +161,15 @@ def test_evaluation_needs_held_out_pairs(store: LocalStore, tmp_path: Path) -> N
 
 
 def test_cpu_defaults_and_overrides() -> None:
-    _, args, _ = parse_args(["--config", "recipes/dpo-smollm2.yaml", "--output_dir", "x"])
+    script_args, args, _ = parse_args(["--config", "recipes/dpo-smollm2.yaml", "--output_dir", "x"])
     assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing
-    assert args.precompute_ref_log_probs and args.load_best_model_at_end
-    assert args.metric_for_best_model == "eval_loss" and args.num_train_epochs == 2
+    assert args.precompute_ref_log_probs and not args.load_best_model_at_end
+    assert args.num_train_epochs == 4 and script_args.irpo_alpha == 1.0
+    # The recipe's own suggestion for real data: best epoch on held-out pairs.
+    _, args, _ = parse_args(["--config", "recipes/dpo-smollm2.yaml", "--output_dir", "x",
+                             "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                             "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss"])
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
     _, args, _ = parse_args(["--output_dir", "x", "--precompute_ref_log_probs", "false"])
     assert not args.precompute_ref_log_probs
 

@@ -5,6 +5,7 @@ Iteration t, with generator M_{t-1} (M0 = the recipe's ``--model``):
 1. data: M_{t-1} answers a fresh instruction slice with thoughts; the judge
    scores the responses; pairs are selected and stored as version ``iter-t``
    (:mod:`tpo_data.iteration`, the same stage as ``pipelines/tpo.py``);
+   With ``--push_to_hub REPO`` the version is also published, tagged ``iter-t``;
 2. curation (``--curation argilla``): the loop stops until the reviewed copy
    ``iter-t-curated`` exists (``tpo-data argilla push/pull/apply``) and then
    trains on it;
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tpo_data import hub
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.instructions import InstructionArguments
@@ -177,6 +179,7 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         raise TPODataError("The loop trains on judged pairs, and the recipe sets --judge none.",
                            "Pass --judge pairwise or --judge reward_model.")
     require_pairs_possible(sampling)
+    hub.check_push_to_hub(run.push_to_hub, judged=True)
     store = LocalStore(run.store_dir())
     lineage: list[dict[str, Any]] = []
     for t in range(1, loop.iterations + 1):
@@ -192,6 +195,8 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         print(summarize_generation(result))
         stats = write_pairs(result, load_prompt(run.thought_prompt), step_engine, sampling, step_run, judge)
         print(format_stats(stats))
+        if run.push_to_hub:
+            print(hub.push_iteration(store, version, run.push_to_hub, private=run.hub_private))
         train_on = version
         if loop.curation == "argilla":
             train_on = _curated(store, version) or _wait_for_curation(store, version)
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if loop.baseline:
         log.info("[bold]Direct-response baseline loop[/bold] in %s", baseline_dir(run.output_dir),
                  extra={"markup": True})
+        # The control's versions stay local: they are not iterations of the published dataset.
         direct = replace(run, output_dir=str(baseline_dir(run.output_dir)), thought_prompt="direct",
-                         store=None)
+                         store=None, push_to_hub=None)
         run_loop(instructions, engine, sampling, direct, judge, loop)
     print(format_lineage(read_lineage(run.output_dir)))
     report = None
