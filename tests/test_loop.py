@@ -96,6 +96,8 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
 
     instructions, base = shown("M0")
     base_rewards = scorer.score(instructions, base)
+    # Every model answered itself (distilabel's cache once served M0's answers to all).
+    assert shown("M1")[1] != base and shown("M2")[1] != base and shown("M1")[1] != shown("M2")[1]
     assert [(c["model"], c["reference"]) for c in report["comparisons"]] == [("M1", "M0"), ("M2", "M0")]
     for comparison in report["comparisons"]:
         _, answers = shown(comparison["model"])
@@ -140,3 +142,35 @@ def test_eval_needs_a_trained_model(tiny_lm, tmp_path):
     with pytest.raises(TPODataError, match="nothing to compare"):
         eval_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path),
                    "--judge", "pairwise"])
+
+
+def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
+    """Both orders per instruction, forced verdicts for a judge that never writes one."""
+    from test_forced_verdict import make_letter_judge
+
+    from tpo_data.loop import eval_main
+
+    judge = make_letter_judge(tmp_path / "judge")
+    out = tmp_path / "eval"
+    args = ["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path),
+            "--judge", "pairwise", "--judge_model", str(judge), "--eval_size", "3",
+            "--eval_models", f"M0={tiny_lm}", f"M1={tiny_lm}", "--eval_baseline", f"plain={tiny_lm}",
+            "--eval_dir", str(out)]
+    report = eval_main(args)
+    # M1 vs M0, M0 vs plain and M1 vs plain: 3 comparisons x 3 instructions x 2 orders.
+    assert [(c["model"], c["reference"]) for c in report["comparisons"]] == [
+        ("M1", "M0"), ("M0", "plain"), ("M1", "plain")]
+    assert report["judge"]["calls"] == 18
+    judged = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    # The tiny judge writes no verdict by itself; forcing decides every call. (M0 and M1 are
+    # the same model, so their calls repeat and are judged once.)
+    assert report["judge"]["forced"] == 18 and report["judge"]["unparsable"] == 0
+    assert judged and all(e["forced"] and e["r"] in (-1, 1) for e in judged)
+    assert report["models"][-1]["prompt"] == "direct" and report["models"][-1]["baseline"]
+    for c in report["comparisons"]:
+        assert c["overall"]["n"] == 3 and all(o in (0, 0.25, 0.5, 0.75, 1) for o in c["outcomes"])
+    assert "Win rate M1 vs M0" in capsys.readouterr().out
+    # Rerun: every judgment comes from the cache.
+    before = (out / "judgments.jsonl").read_bytes()
+    assert eval_main(args)["comparisons"] == report["comparisons"]
+    assert (out / "judgments.jsonl").read_bytes() == before

@@ -37,7 +37,7 @@ from tpo_data.eval_report import write_report
 from tpo_data.instructions import InstructionArguments, load_instructions, select_holdout_rows
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
 from tpo_data.models import resolve_model
-from tpo_data.pipeline import RunArguments, generate_samples, start_endpoint
+from tpo_data.pipeline import GenerationLedger, RunArguments, generate_samples, start_endpoint
 from tpo_data.prompts import load_prompt
 from tpo_data.verdicts import neutralize
 
@@ -126,15 +126,57 @@ def holdout_rows(instructions: InstructionArguments, size: int) -> list[dict]:
 
 
 def answer(model: EvalModel, rows: list[dict], engine: EngineArguments, sampling: SamplingArguments,
-           run: RunArguments, folder: Path) -> list[dict]:
-    """One sample per held-out instruction from ``model`` (resumable, like a TPO iteration)."""
-    log.info("Evaluation: %s answers %d held-out instructions", model.name, len(rows))
+           run: RunArguments, folder: Path, judge_server: "JudgeServer | None" = None) -> list[dict]:
+    """One sample per held-out instruction from ``model`` (resumable, like a TPO iteration).
+
+    A model that the judge's vLLM server serves anyway answers through that server.
+    """
+    out_dir = folder / "outputs" / model.name
     path = str(resolve_model(model.path))
+    pending = any(not GenerationLedger(out_dir / "generations.jsonl").finished(r["id"], False)
+                  for r in rows)
+    if pending:
+        log.info("Evaluation: %s answers %d held-out instructions", model.name, len(rows))
+        if judge_server and judge_server.serves(path):
+            engine = judge_server.engine_for(model.path)
     result = generate_samples(
         rows, load_prompt(model.prompt), replace(engine, model=model.path),
-        replace(sampling, num_samples=1), run, path, out_dir=folder / "outputs" / model.name,
+        replace(sampling, num_samples=1), run, path, out_dir=out_dir,
     )
     return result.rows
+
+
+class JudgeServer:
+    """The pair-wise judge's endpoint, started on first use and shared with M0's answers."""
+
+    def __init__(self, judge: JudgeArguments, engine: EngineArguments, sampling: SamplingArguments,
+                 judge_path: str, folder: Path, stack: ExitStack):
+        self.engine, _ = judge_engine_args(judge, engine, same_model=False)
+        self.sampling = judge_sampling(judge, sampling)
+        self.path, self.folder, self.stack = judge_path, folder, stack
+        self._endpoint: tuple[str | None, str | None] | None = None
+
+    def serves(self, model_path: str) -> bool:
+        # Only a vLLM server we start is worth sharing; in-process models load per use anyway.
+        return (self.engine.engine == "vllm" and not self.engine.base_url
+                and Path(model_path).resolve() == Path(self.path).resolve())
+
+    def endpoint(self) -> tuple[str | None, str | None]:
+        if self._endpoint is None:
+            self._endpoint = start_endpoint(self.engine, self.path, self.sampling, self.folder,
+                                            self.stack, log_name="vllm-judge.log")
+        return self._endpoint
+
+    def engine_for(self, model: str) -> EngineArguments:
+        base_url, served = self.endpoint()
+        return replace(self.engine, model=model, engine="openai", base_url=base_url,
+                       served_model_name=served)
+
+    def llm(self) -> Any:
+        base_url, served = self.endpoint()
+        llm = build_llm(self.engine, self.sampling, self.path, base_url, served)
+        llm.load()
+        return llm
 
 
 class JudgmentCache:
@@ -160,23 +202,16 @@ class JudgmentCache:
 
 
 def _pairwise_verdicts(calls: list[tuple[str, str, str]], judge: JudgeArguments,
-                       engine: EngineArguments, sampling: SamplingArguments, judge_path: str,
-                       cache: JudgmentCache, folder: Path) -> list[dict]:
+                       server: JudgeServer, cache: JudgmentCache) -> list[dict]:
     todo = list(dict.fromkeys(c for c in calls if cache.key(c) not in cache.entries))
     if todo:
         log.info("Evaluation: %d judge calls (%d cached)", len(todo), len(calls) - len(todo))
-        judge_engine, _ = judge_engine_args(judge, engine, same_model=False)
-        judge_sampling_args = judge_sampling(judge, sampling)
-        with ExitStack() as stack:
-            base_url, served = start_endpoint(judge_engine, judge_path, judge_sampling_args, folder,
-                                              stack, log_name="vllm-judge.log")
-            llm = build_llm(judge_engine, judge_sampling_args, judge_path, base_url, served)
-            llm.load()
-            # Saved in chunks: an interrupted evaluation keeps what was judged.
-            for start in range(0, len(todo), 64):
-                chunk = todo[start:start + 64]
-                for call, verdict in zip(chunk, judge_calls(llm, chunk, judge.force_verdict)):
-                    cache.add(call, {"r": verdict.r, "forced": verdict.forced})
+        llm = server.llm()
+        # Saved in chunks: an interrupted evaluation keeps what was judged.
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            for call, verdict in zip(chunk, judge_calls(llm, chunk, judge.force_verdict)):
+                cache.add(call, {"r": verdict.r, "forced": verdict.forced})
     return [cache.entries[cache.key(c)] for c in calls]
 
 
@@ -207,12 +242,26 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
     rows = holdout_rows(instructions, args.eval_size)
     folder = Path(args.eval_dir) if args.eval_dir else Path(run.output_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
+    # One sample per instruction: as many instructions per batch as the loop has samples in flight.
     eval_run = replace(run, output_dir=str(folder), iteration=0,
-                       cache_dir=run.cache_dir or str(folder / ".distilabel-cache"))
-    answers = {m.name: answer(m, rows, engine, sampling, eval_run, folder) for m in models}
-
+                       cache_dir=run.cache_dir or str(folder / ".distilabel-cache"),
+                       input_batch_size=run.input_batch_size * sampling.num_samples)
     seed_path = str(resolve_model(models[0].path))
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    with ExitStack() as stack:
+        server = JudgeServer(judge, engine, sampling, judge_path, folder, stack) \
+            if judge.judge == "pairwise" else None
+        # Models the judge's server can serve answer last, through it: one server start fewer.
+        order = sorted(models, key=lambda m: bool(server and server.serves(str(resolve_model(m.path)))))
+        answers = {m.name: answer(m, rows, engine, sampling, eval_run, folder, server) for m in order}
+        report = _judge_and_report(models, rows, answers, judge, engine, sampling, judge_path,
+                                   server, folder)
+    return report
+
+
+def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[str, list[dict]],
+                      judge: JudgeArguments, engine: EngineArguments, sampling: SamplingArguments,
+                      judge_path: str, server: JudgeServer | None, folder: Path) -> dict[str, Any]:
     label = f"{judge.judge} {judge.judge_model}" + (
         f" ({judge.judge_engine or engine.engine})" if judge.judge == "pairwise" else "")
     cache = JudgmentCache(folder / "judgments.jsonl", json.dumps(
@@ -232,8 +281,8 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
     calls = [(rows[i]["instruction"], *((shown(x, i), shown(y, i)) if order == 0
                                         else (shown(y, i), shown(x, i))))
              for x, y in pairs for i in range(len(rows)) for order in (0, 1)]
-    if judge.judge == "pairwise":
-        verdicts = _pairwise_verdicts(calls, judge, engine, sampling, judge_path, cache, folder)
+    if server is not None:
+        verdicts = _pairwise_verdicts(calls, judge, server, cache)
     else:
         verdicts = _reward_verdicts(calls, judge_path, cache)
 

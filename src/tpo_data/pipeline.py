@@ -197,9 +197,11 @@ def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Pat
     return process.exitcode
 
 
-def _pass_name(iteration: int, ids: list[str]) -> str:
-    # distilabel leaves the loaded data out of its signature; the name carries it.
-    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+def _pass_name(iteration: int, ids: list[str], model_path: str) -> str:
+    # distilabel leaves the loaded data and the LLM's model out of its signature, so its
+    # cache would hand one model's outputs to another on the same rows (as in an
+    # evaluation); the name carries both.
+    digest = hashlib.sha256("\n".join([str(model_path), *ids]).encode()).hexdigest()[:12]
     return f"tpo-iter{iteration}-{digest}"
 
 
@@ -280,8 +282,8 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
                 run.input_batch_size, out_dir, stack,
             ) if judged else None
             build = functools.partial(
-                build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending]), pending,
-                prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
+                build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending], model_path),
+                pending, prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
                 ledger.checkpoints, judge_step,
             )
             exitcode = run_in_fresh_process(build, run.use_ray, out_dir / "pipeline.yaml")
