@@ -1,9 +1,14 @@
 """Benchmarks for the judging stage of tpo-data.
 
 Usage:
-    python bench/judging.py                         # every section, default settings (< 1 min)
+    python bench/judging.py                         # every section, default settings (a few minutes)
+    python bench/judging.py --json out.json         # same, plus every report as JSON
     python bench/judging.py --section tournament    # one section
-    python bench/judging.py --n 5000 --sigma 3 --resample --json out.json
+    python bench/judging.py --section tournament --n 5000 --sigma 3 --resample
+    python bench/judging.py --section rm_throughput --rm-pairs 256 --rm-threads 2
+
+Each section prints its bar (met / not met); ``--json`` holds them under
+``<section>.bar``.
 
 Section "tournament" (tournament vs round-robin): simulates a pair-wise LLM
 judge over K candidates per instruction with known Bradley-Terry strengths
@@ -27,6 +32,25 @@ Defaults are meant to resemble an LLM judge comparing samples of one policy:
 accuracy about 0.78, A preferred 62% of the time between equal answers
 (position bias 0.5 logits), 5% ties or unparsable verdicts.
 
+Section "rm_throughput" (reward-model scoring throughput): tpo_data's
+``RewardModelScorer`` vs distilabel's ``RewardModelScore`` on the same
+(instruction, response) pairs, of widely varying lengths, with the same random
+one-logit Llama reward model, batch size, dtype and threads:
+
+- ours: ``RewardModelScorer.score`` on the whole list (tokenize once, sort by
+  token length, batch, ``torch.inference_mode``, restore order);
+- distilabel: ``RewardModelScore.process`` on consecutive chunks of
+  ``--rm-batch-size`` rows in input order, as a pipeline with
+  ``input_batch_size=--rm-batch-size`` would call it. Upstream 1.5.3 does not
+  run at all on transformers 5, so it goes through ``RewardModelScoreTF5``
+  (upstream code with only the input/float fixes);
+- distilabel, ids only: upstream's own ``model(input_ids)`` call without the
+  adapter's attention mask.
+
+The bar is a >= 3x pairs/s ratio against distilabel. Scores from all three are
+compared, so the speed-up is not bought with different answers. Timings are
+the best of ``--rm-repeats`` interleaved runs (the machine may be shared).
+
 New sections: write ``<name>_report(args) -> dict`` and
 ``print_<name>(report)``, add the section's options in ``build_parser`` and
 register it in ``SECTIONS``.
@@ -36,9 +60,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +77,7 @@ from tpo_data.scoring import bradley_terry, win_matrix
 from tpo_data.tournament import Tournament, round_robin_calls, tournament_calls
 
 BAR = 0.95  # target agreement of the tournament with the round robin on (chosen, rejected)
+RM_BAR = 3.0  # target pairs/s ratio of our RM scorer over distilabel's RewardModelScore
 # Piped output (logs, CI) gets full-width tables instead of the 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=120)
 
@@ -242,8 +271,171 @@ def print_tournament(report: dict[str, Any]) -> None:
     console.print(f"({report['seconds']:.1f} s)")
 
 
+# --- section "rm_throughput" ------------------------------------------------------------
+
+_WORDS = (
+    "the sea sky blue light answer because first then question reason model thought response "
+    "draft evaluate explain simple example quick brown fox lazy dog poem health market general "
+    "knowledge step careful read write short long wide high wave"
+).split()
+
+
+def make_pairs(n: int, max_words: int, seed: int) -> tuple[list[str], list[str]]:
+    """Instructions of 3-40 words; responses log-uniform in length from 2 to ``max_words`` words."""
+    rng = random.Random(seed)
+    instructions, responses = [], []
+    for _ in range(n):
+        instructions.append(" ".join(rng.choices(_WORDS, k=rng.randint(3, 40))) + "?")
+        words = int(math.exp(rng.uniform(math.log(2), math.log(max_words))))
+        responses.append(" ".join(rng.choices(_WORDS, k=words)) + ".")
+    return instructions, responses
+
+
+def _padded_tokens(lengths: list[int], batch_size: int, sort: bool) -> int:
+    order = sorted(lengths, reverse=True) if sort else lengths
+    return sum(
+        max(order[i : i + batch_size]) * len(order[i : i + batch_size]) for i in range(0, len(order), batch_size)
+    )
+
+
+def rm_throughput_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Run our RM scorer and distilabel's RewardModelScore on the same inputs (module docstring)."""
+    import torch
+
+    # The tiny-model builders live with the tests so tests and benchmarks build the same models.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_seqcls
+
+    from tpo_data.reward_models import RewardModelScorer, RewardModelScoreTF5
+
+    start = time.perf_counter()
+    if args.rm_threads:
+        torch.set_num_threads(args.rm_threads)
+    model_dir = Path(args.rm_model_dir or tempfile.mkdtemp(prefix="rm-bench-"))
+    make_tiny_seqcls(model_dir, hidden_size=args.rm_hidden, num_layers=args.rm_layers, seed=args.seed)
+    instructions, responses = make_pairs(args.rm_pairs, args.rm_max_words, args.seed)
+    rows = [{"instruction": i, "response": r} for i, r in zip(instructions, responses)]
+    batch_size, device = args.rm_batch_size, args.rm_device
+
+    ours = RewardModelScorer(str(model_dir), batch_size=batch_size, device=device, dtype="float32")
+    upstream = RewardModelScoreTF5(name="rm_bench", model=str(model_dir), torch_dtype="float32")
+    upstream.load()
+    upstream._model.to(device)
+
+    def run_ours() -> list[float]:
+        return ours.score(instructions, responses)
+
+    def run_distilabel() -> list[float]:
+        scores: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            chunk = [dict(row) for row in rows[i : i + batch_size]]
+            scores.extend(row["score"] for row in next(upstream.process(chunk)))
+        return scores
+
+    def run_distilabel_ids_only() -> list[float]:
+        # Upstream's own call, model(input_ids) without the attention mask the adapter adds:
+        # what RewardModelScore would cost if its BatchEncoding bug were fixed minimally.
+        scores: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            encoded = upstream._prepare_inputs(rows[i : i + batch_size])
+            with torch.no_grad():
+                scores.extend(upstream._model(encoded["input_ids"]).logits[:, 0].tolist())
+        return scores
+
+    variants = {"ours": run_ours, "distilabel": run_distilabel, "distilabel_ids_only": run_distilabel_ids_only}
+    # Warm-up so one-off costs (allocator, kernels) hit no timing.
+    ours.score(instructions[:4], responses[:4])
+    next(upstream.process([dict(row) for row in rows[:4]]))
+    # The machine may be shared: interleave the variants and keep each one's best time.
+    best = {name: math.inf for name in variants}
+    scores: dict[str, list[float]] = {}
+    for _ in range(args.rm_repeats):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            scores[name] = run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+
+    lengths = [len(ids) for ids in ours.encode(instructions, responses)]
+    sorted_pad = _padded_tokens(lengths, batch_size, sort=True)
+    input_order_pad = _padded_tokens(lengths, batch_size, sort=False)
+
+    def figures(name: str, padded: int) -> dict[str, Any]:
+        seconds = best[name]
+        return {"seconds": round(seconds, 3), "pairs_per_s": round(args.rm_pairs / seconds, 2), "padded_tokens": padded}
+
+    speedup = best["distilabel"] / best["ours"]
+    return {
+        "config": {
+            "pairs": args.rm_pairs,
+            "model": {"hidden_size": args.rm_hidden, "layers": args.rm_layers, "dtype": "float32", "device": device},
+            "batch_size": batch_size,
+            "max_words": args.rm_max_words,
+            "repeats": args.rm_repeats,
+            "torch_threads": torch.get_num_threads(),
+            "seed": args.seed,
+        },
+        "tokens_per_pair": {"min": min(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)},
+        "real_tokens": sum(lengths),
+        "ours": figures("ours", sorted_pad),
+        "distilabel": {
+            **figures("distilabel", input_order_pad),
+            "note": "distilabel 1.5.3 RewardModelScore via RewardModelScoreTF5 (unpatched, it fails on transformers 5)",
+        },
+        "distilabel_ids_only": {
+            **figures("distilabel_ids_only", input_order_pad),
+            "note": "upstream's model(input_ids) call without the adapter's attention mask",
+        },
+        "speedup": round(speedup, 2),
+        "speedup_vs_ids_only": round(best["distilabel_ids_only"] / best["ours"], 2),
+        "padding_ratio": round(input_order_pad / sorted_pad, 2),
+        "max_abs_score_diff": max(
+            abs(a - b) for other in ("distilabel", "distilabel_ids_only") for a, b in zip(scores["ours"], scores[other])
+        ),
+        "bar": {"target_speedup": RM_BAR, "measured_speedup": round(speedup, 2), "met": speedup >= RM_BAR},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def print_rm_throughput(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    model = cfg["model"]
+    console.rule("[bold]RM scoring throughput: ours vs distilabel RewardModelScore")
+    console.print(
+        f"{cfg['pairs']} pairs, tokens/pair {report['tokens_per_pair']}, random Llama RM "
+        f"hidden={model['hidden_size']} layers={model['layers']}, batch {cfg['batch_size']}, "
+        f"{cfg['torch_threads']} torch threads, {model['device']} {model['dtype']}, "
+        f"best of {cfg['repeats']} interleaved runs each"
+    )
+    table = Table()
+    for col in ("scorer", "pairs/s", "seconds", "padded tokens"):
+        table.add_column(col, justify="left" if col == "scorer" else "right")
+    names = {
+        "ours": "ours (RewardModelScorer)",
+        "distilabel": "distilabel (RewardModelScore)",
+        "distilabel_ids_only": "distilabel, ids only",
+    }
+    for key, name in names.items():
+        r = report[key]
+        table.add_row(name, f"{r['pairs_per_s']:.2f}", f"{r['seconds']:.3f}", f"{r['padded_tokens']:,}")
+    console.print(table)
+    console.print(
+        f"{report['real_tokens']:,} real tokens. distilabel: {report['distilabel']['note']}; "
+        f"ids only: {report['distilabel_ids_only']['note']}. "
+        f"{report['speedup_vs_ids_only']}x vs ids only; padding alone explains {report['padding_ratio']}x; "
+        f"max |score difference| {report['max_abs_score_diff']:.2e}."
+    )
+    bar = report["bar"]
+    verdict = "[green]met[/]" if bar["met"] else "[red]not met[/]"
+    console.print(
+        f"Bar: RM scoring throughput >= {bar['target_speedup']:g}x distilabel's RewardModelScore on the "
+        f"same inputs: measured {bar['measured_speedup']}x -> {verdict}"
+    )
+    console.print(f"({report['seconds']:.1f} s)")
+
+
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "tournament": (tournament_report, print_tournament),
+    "rm_throughput": (rm_throughput_report, print_rm_throughput),
 }
 
 
@@ -291,6 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated sigmas for the sweep table ('' to skip)",
     )
     tour.add_argument("--sweep-n", type=int, default=500, help="instructions per sweep point (default 500)")
+
+    rm = parser.add_argument_group("RM scoring throughput (ours vs distilabel RewardModelScore)")
+    rm.add_argument("--rm-pairs", type=int, default=128, help="(instruction, response) pairs (default 128)")
+    rm.add_argument("--rm-hidden", type=int, default=256, help="reward model hidden size (default 256)")
+    rm.add_argument("--rm-layers", type=int, default=4, help="reward model layers (default 4)")
+    rm.add_argument("--rm-batch-size", type=int, default=8, help="pairs per forward pass, both scorers (default 8)")
+    rm.add_argument("--rm-max-words", type=int, default=400, help="longest response, in words (default 400)")
+    rm.add_argument("--rm-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    rm.add_argument("--rm-device", default="cpu", help="cpu or cuda (default cpu)")
+    rm.add_argument("--rm-repeats", type=int, default=2, help="timed runs per scorer, best kept (default 2)")
+    rm.add_argument("--rm-model-dir", default=None, help="where to build the random model (default: a temp dir)")
     return parser
 
 
@@ -301,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         run, show = SECTIONS[name]
         reports[name] = run(args)
         show(reports[name])
+    if len(reports) > 1:
+        console.rule("[bold]bars")
+        for name, report in reports.items():
+            console.print(f"{name}: {'[green]met[/]' if report['bar']['met'] else '[red]not met[/]'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=2)

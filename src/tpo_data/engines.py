@@ -151,8 +151,13 @@ class BatchedTransformersLLM(LLM):
     def model_name(self) -> str:
         return self.model
 
-    def prepare_input(self, input: "StandardInput") -> str:
-        return self._tokenizer.apply_chat_template(input, tokenize=False, add_generation_prompt=True)
+    def prepare_input(self, input: "StandardInput", continue_final_message: bool = False) -> str:
+        """The chat-templated prompt; with ``continue_final_message`` it ends inside the last
+        (assistant) message instead of opening a new one."""
+        return self._tokenizer.apply_chat_template(
+            input, tokenize=False, add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
 
     def generate(  # type: ignore[override]
         self,
@@ -161,10 +166,13 @@ class BatchedTransformersLLM(LLM):
         max_new_tokens: int = 512,
         temperature: float = 0.8,
         top_p: float = 0.95,
+        continue_final_message: bool = False,
     ) -> list["GenerateOutput"]:
+        """K samples per input; ``continue_final_message`` continues each input's last
+        message (e.g. a partial assistant answer) rather than answering it."""
         import torch
 
-        prompts = [self.prepare_input(i) for i in inputs]
+        prompts = [self.prepare_input(i, continue_final_message) for i in inputs]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         per_call = max(1, self.max_batch_sequences // max(1, num_generations))
         texts: dict[int, list[str]] = {}

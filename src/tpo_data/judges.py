@@ -11,21 +11,50 @@ the answers they lead to.
   most 14 calls at K=8). The calls of all rows of a batch go to the LLM in one
   ``generate`` call per round. Verdicts become Bradley-Terry strengths
   (``scoring.win_matrix`` + ``scoring.bradley_terry``), the sample scores.
+  The calls themselves go through :func:`judge_calls`, which also serves
+  any other pair-wise comparison (e.g. held-out win rates).
 - ``GroupRewardJudge``: a point-wise reward model (ArmoRM or a one-logit
   classifier) scoring each parsed response; ``reward_models.PointwiseRewardJudge``
   over the K samples of a row.
 
 Both output ``scores`` (one per sample, None for parse failures, NaN where
-the judge gave nothing usable), ``judge_calls`` and ``judge_unparsable``
-(unusable verdicts, or NaN rewards). NaN scores make ``pairs.select_pair``
-drop the instruction (``non_finite_score``).
+the judge gave nothing usable), ``judge_calls``, ``judge_unparsable``
+(unusable verdicts, or NaN rewards) and ``judge_forced`` (verdicts that came
+from the forced continuation, below; always 0 for reward models). NaN scores
+make ``pairs.select_pair`` drop the instruction (``non_finite_score``).
+
+Forced verdicts. A weak judge (the embedded SmolLM2-135M) reasons but almost
+never ends with ``[[A]]``/``[[B]]``. With ``force_verdict`` (the default), every
+judgment without a parsable verdict gets a second, short call: the same
+conversation, with the judge's own text as a *partial* assistant message
+followed by :data:`FORCE_PREFIX` (``"\n\nFinal verdict: [["``), continued
+greedily for at most :data:`FORCE_MAX_NEW_TOKENS` tokens. The verdict is "A" or
+"B" when the continuation starts with that letter (not followed by a
+lowercase letter, so "Assistant" is not "A"), otherwise the call stays unparsable.
+The continuation is appended only to the judge's own text: responses are
+still neutralized before the judge sees them and the first judgment is
+still read by ``parse_verdict``, so a response cannot supply the verdict.
+Engines: :class:`~tpo_data.engines.BatchedTransformersLLM` continues the
+message in process (``apply_chat_template(continue_final_message=True)``);
+distilabel's ``OpenAILLM`` sends vLLM's ``continue_final_message: true,
+add_generation_prompt: false`` in ``extra_body``. An endpoint that rejects
+those parameters keeps the verdicts unparsable and logs one warning; any
+other LLM class can opt in by accepting a ``continue_final_message`` keyword
+in ``generate``.
 """
 
 # No `from __future__ import annotations`: distilabel checks process()'s `StepInput` hint at runtime.
+import asyncio
+import inspect
+import logging
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from distilabel.models.llms import OpenAILLM
+from distilabel.models.llms.base import LLM
 from distilabel.steps import StepInput
 from distilabel.steps.tasks import Task
 from pydantic import Field
@@ -45,7 +74,14 @@ JUDGES = ("pairwise", "reward_model", "none")
 JUDGE_MODES = ("round_robin", "tournament")
 # --judge_model value that means "the model being trained" (self-judging).
 POLICY = "policy"
-JUDGE_COLUMNS = ("scores", "judge_calls", "judge_unparsable")
+JUDGE_COLUMNS = ("scores", "judge_calls", "judge_unparsable", "judge_forced")
+# What a forced verdict continues the judge's own text with, and how far.
+FORCE_PREFIX = "\n\nFinal verdict: [["
+FORCE_MAX_NEW_TOKENS = 3
+# vLLM's chat-completions parameters for continuing the last (assistant) message.
+CONTINUE_BODY = {"continue_final_message": True, "add_generation_prompt": False}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +117,14 @@ class JudgeArguments:
         default=256, metadata={"help": "Tokens per judgment (reasoning + verdict)."}
     )
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature."})
+    force_verdict: bool = field(
+        default=True,
+        metadata={"help": "For a judgment without a [[A]]/[[B]] verdict, make a second short call "
+                  "(only for those judgments) that continues the judge's own text with "
+                  "'Final verdict: [[' for at most 3 greedy tokens; counted in judge_forced. "
+                  "Weak judges such as the embedded model almost never write the verdict "
+                  "themselves."},
+    )
     rho: str = field(
         default="auto",
         metadata={"help": "Length control s = z(score) - rho * z(length): a number in [0, 0.5] "
@@ -152,6 +196,147 @@ def judge_messages(instruction: str, shown_a: str, shown_b: str) -> list[dict[st
     ]
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One pair-wise judgment of response A against response B.
+
+    ``r``: +1 when A is better, -1 when B is better, 0 for a tie or no usable
+    verdict (METHOD.md 1.4). ``forced``: the verdict came from the forced
+    continuation rather than the judgment itself. ``judgment``: the judge's
+    text. ``continuation``: what the forced call generated after
+    :data:`FORCE_PREFIX`, None when no forced call was made.
+    """
+
+    r: int
+    forced: bool = False
+    judgment: str = ""
+    continuation: str | None = None
+
+    @property
+    def letter(self) -> str | None:
+        """The verdict as a letter: "A", "B" or None."""
+        return {1: "A", -1: "B"}.get(self.r)
+
+
+# "A" or "B" as a letter of its own: "A]]", "B", "A ..." but not "Assistant", "Both", "Better".
+_FORCED_LETTER = re.compile(r"[ \t]*([AB])(?![a-z])")
+
+
+def forced_letter(continuation: str | None) -> str | None:
+    """The forced verdict: "A" or "B" when the continuation starts with that letter alone, else None."""
+    match = _FORCED_LETTER.match(continuation or "")
+    return match.group(1) if match else None
+
+
+def judge_calls(llm: LLM, calls: Sequence[tuple[str, str, str]],
+                force_verdict: bool = True) -> list[Verdict]:
+    """Judge pairs of responses with a pair-wise LLM judge; one :class:`Verdict` per call.
+
+    ``llm``: a loaded distilabel LLM; its ``generation_kwargs`` (e.g. from
+    :func:`judge_sampling`) drive the judgments. ``calls``: ``(instruction,
+    response_a, response_b)`` triples, shown to the judge in that order (judge
+    both orders yourself to cancel position bias). The responses go through
+    :func:`~tpo_data.verdicts.neutralize` here (idempotent), so raw policy
+    text is fine. All calls go to the LLM in one ``generate`` call, and with
+    ``force_verdict`` the judgments without a parsable verdict in one more,
+    short call (module docstring, "Forced verdicts").
+    """
+    if not calls:
+        return []
+    shown = [(neutralize(a), neutralize(b)) for _, a, b in calls]
+    messages = [judge_messages(instruction, a, b) for (instruction, _, _), (a, b) in zip(calls, shown)]
+    outputs = llm.generate_outputs(inputs=messages, num_generations=1, **llm.get_generation_kwargs())
+    judgments = [(output.get("generations") or [None])[0] or "" for output in outputs]
+    verdicts = [Verdict({"A": 1, "B": -1}.get(parse_verdict(j, s) or "", 0), judgment=j)
+                for j, s in zip(judgments, shown)]
+    undecided = [i for i, v in enumerate(verdicts) if v.r == 0]
+    if force_verdict and undecided:
+        continuations = force_continuations(
+            llm, [messages[i] for i in undecided], [judgments[i] for i in undecided]
+        )
+        for i, text in zip(undecided, continuations):
+            letter = forced_letter(text)
+            verdicts[i] = replace(verdicts[i], r={"A": 1, "B": -1}.get(letter or "", 0),
+                                  forced=letter is not None, continuation=text)
+    return verdicts
+
+
+# Endpoints (base_url, model) that rejected every continuation request, and those that took one.
+_CONTINUATION_REJECTED: set[tuple[str, str]] = set()
+_CONTINUATION_ACCEPTED: set[tuple[str, str]] = set()
+_WARNED: set[Any] = set()
+
+
+def _warn_once(key: Any, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+def force_continuations(llm: LLM, messages: list[list[dict[str, str]]],
+                        judgments: list[str]) -> list[str | None]:
+    """Continue each judgment with :data:`FORCE_PREFIX`, greedily, for a few tokens.
+
+    ``messages`` are the judge's inputs and ``judgments`` its texts; returns
+    the generated continuations (None where the engine could not continue a
+    message).
+    """
+    inputs = [[*m, {"role": "assistant", "content": j.rstrip() + FORCE_PREFIX}]
+              for m, j in zip(messages, judgments)]
+    kwargs = {**llm.get_generation_kwargs(), "max_new_tokens": FORCE_MAX_NEW_TOKENS,
+              "temperature": 0.0, "top_p": 1.0}
+    if isinstance(llm, OpenAILLM):
+        return _continue_openai(llm, inputs, kwargs)
+    if "continue_final_message" in inspect.signature(llm.generate).parameters:
+        outputs = llm.generate_outputs(inputs=inputs, num_generations=1,
+                                       continue_final_message=True, **kwargs)
+        return [(output.get("generations") or [None])[0] for output in outputs]
+    _warn_once(type(llm), f"{type(llm).__name__} cannot continue an assistant message; judgments "
+               "without a verdict stay unparsable (force_verdict needs the transformers or an "
+               "OpenAI/vLLM engine).")
+    return [None] * len(inputs)
+
+
+def _continue_openai(llm: OpenAILLM, inputs: list[list[dict[str, str]]],
+                     kwargs: dict[str, Any]) -> list[str | None]:
+    """vLLM's ``continue_final_message``; an endpoint rejecting it leaves the verdicts unparsable."""
+    import openai
+
+    endpoint = (str(llm.base_url), llm.model)
+    if endpoint in _CONTINUATION_REJECTED:
+        return [None] * len(inputs)
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(
+            *(llm.agenerate(input=i, num_generations=1, extra_body=dict(CONTINUE_BODY), **kwargs)
+              for i in inputs),
+            return_exceptions=True,
+        )
+
+    results = llm.event_loop.run_until_complete(run())
+    texts: list[str | None] = []
+    rejected = []
+    for result in results:
+        if isinstance(result, openai.APIStatusError) and result.status_code in (400, 404, 422):
+            rejected.append(result)
+            texts.append(None)
+        elif isinstance(result, BaseException):
+            raise result  # the endpoint is down or broken: the batch fails as any judge call would
+        else:
+            texts.append((result.get("generations") or [None])[0])
+    if len(rejected) < len(results):
+        _CONTINUATION_ACCEPTED.add(endpoint)
+    if rejected:
+        if endpoint not in _CONTINUATION_ACCEPTED:
+            _CONTINUATION_REJECTED.add(endpoint)
+        _warn_once(("openai", endpoint), (
+            f"The judge endpoint {endpoint[0]} rejected {len(rejected)} of {len(results)} forced-"
+            f"verdict requests (continue_final_message, a vLLM extension), so those judgments "
+            f"stay unparsable: {rejected[0]}"
+        ))
+    return texts
+
+
 class _RoundRobin:
     """Every ordered pair in one round, with the ``Tournament`` interface."""
 
@@ -174,10 +359,12 @@ class PairwiseJudge(Task):
     Output columns: ``scores`` (Bradley-Terry log-strengths of the parsed samples,
     None for parse failures, NaN when no verdict of the row decided anything;
     a lone parsed sample scores 0 without a call),
-    ``judge_calls`` and ``judge_unparsable`` (ties or verdicts that did not parse).
+    ``judge_calls``, ``judge_unparsable`` (ties or no verdict, even after forcing)
+    and ``judge_forced`` (calls decided by a forced verdict; see :func:`judge_calls`).
     """
 
     mode: str = "round_robin"
+    force_verdict: bool = True
     exclude_from_signature: set[str] = Field(default=_EXCLUDE, exclude=True)
 
     @property
@@ -193,21 +380,19 @@ class PairwiseJudge(Task):
         return judge_messages(input["instruction"], input["a"], input["b"])
 
     def format_output(self, output: str | None, input: dict[str, Any] | None = None) -> dict:
-        # Required by Task; process() reads the verdicts itself, per call.
+        # Required by Task; process() reads the verdicts itself, per call (judge_calls).
         return {"judgment": output}
 
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         jobs = [_RowJudging(row, self.mode) for row in inputs]
-        # One generate call per judge round for the whole batch.
+        # One judge_calls per judge round for the whole batch.
         while calls := [(job, a, b) for job in jobs for a, b in job.next_calls()]:
-            formatted = [self.format_input({"instruction": job.row["instruction"],
-                                            "a": job.shown[a], "b": job.shown[b]})
-                         for job, a, b in calls]
-            outputs = self.llm.generate_outputs(
-                inputs=formatted, num_generations=1, **self.llm.get_generation_kwargs()
+            verdicts = judge_calls(
+                self.llm, [(job.row["instruction"], job.shown[a], job.shown[b]) for job, a, b in calls],
+                force_verdict=self.force_verdict,
             )
-            for (job, a, b), output in zip(calls, outputs):
-                job.add(a, b, (output.get("generations") or [None])[0] or "")
+            for (job, a, b), verdict in zip(calls, verdicts):
+                job.add(a, b, verdict)
             for job in jobs:
                 job.end_round()
         for job in jobs:
@@ -221,21 +406,21 @@ class _RowJudging:
     def __init__(self, row: dict, mode: str):
         self.row = row
         self.valid = [i for i, ok in enumerate(row["parsed"]) if ok]
-        # Exactly what the judge is shown; parse_verdict needs it to spot quotations.
+        # Exactly what the judge is shown (judge_calls neutralizes again: idempotent).
         self.shown = [neutralize(row["responses"][i]) for i in self.valid]
         n = len(self.valid)
         self.schedule = None if n < 2 else _RoundRobin(n) if mode == "round_robin" else Tournament(n)
         self._results: list[tuple[int, int, int]] = []
-        row["judge_calls"] = row["judge_unparsable"] = 0
+        row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
 
     def next_calls(self) -> list[tuple[int, int]]:
         return self.schedule.next_calls() if self.schedule else []
 
-    def add(self, a: int, b: int, judgment: str) -> None:
-        verdict = parse_verdict(judgment, (self.shown[a], self.shown[b]))
+    def add(self, a: int, b: int, verdict: Verdict) -> None:
         self.row["judge_calls"] += 1
-        self.row["judge_unparsable"] += verdict is None
-        self._results.append((a, b, {"A": 1, "B": -1}.get(verdict or "", 0)))
+        self.row["judge_unparsable"] += verdict.r == 0
+        self.row["judge_forced"] += verdict.forced
+        self._results.append((a, b, verdict.r))
 
     def end_round(self) -> None:
         if self._results:
@@ -268,8 +453,8 @@ class GroupRewardJudge(PointwiseRewardJudge):
 
     Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
     ``scores`` (reward per parsed sample, None for parse failures, NaN where
-    the model output was not finite), ``judge_calls`` (responses scored) and
-    ``judge_unparsable`` (NaN rewards).
+    the model output was not finite), ``judge_calls`` (responses scored),
+    ``judge_unparsable`` (NaN rewards) and ``judge_forced`` (always 0).
     """
 
     @property
@@ -287,7 +472,7 @@ class GroupRewardJudge(PointwiseRewardJudge):
                                      [row["responses"][i] for row, i in flat])
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
-            row["judge_calls"] = row["judge_unparsable"] = 0
+            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
         for (row, i), reward in zip(flat, rewards):
             row["scores"][i] = reward
             row["judge_calls"] += 1

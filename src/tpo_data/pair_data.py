@@ -135,6 +135,7 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
         "judge_mode": judge.judge_mode if judge.judge == "pairwise" else None,
         "judge_calls": sum(r.get("judge_calls") or 0 for r in rows),
         "judge_unparsable": sum(r.get("judge_unparsable") or 0 for r in rows),
+        "judge_forced": sum(r.get("judge_forced") or 0 for r in rows),
     })
     return IterationData(pairs, candidates, stats)
 
@@ -180,8 +181,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["rho_mode"] == "auto" and not stats["rho_auto_satisfied"]:
         rho += ", chosen still longer on average at the maximum" if stats["pairs_kept"] else ", no pair"
     judge = stats["judge"] + (f" ({stats['judge_mode']})" if stats.get("judge_mode") else "")
+    # Statistics written before forced verdicts existed have no count.
+    forced = f", {stats['judge_forced']} forced verdicts" if "judge_forced" in stats else ""
     return (
-        f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable\n"
+        f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable"
+        f"{forced}\n"
         f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
         f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"
         f"Rejected parse failures: {stats['rejected_parse_failures']}; rho: {rho})\n"
