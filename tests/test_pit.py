@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import sys
+import time
 
 import pytest
 import torch
@@ -186,6 +189,8 @@ def test_evaluate_with_fake_models():
     assert report["self_refine"][0]["beat_initial"] == 0.25  # "s" ties "a", loses to "bb"
     assert [r["pit_wins"] for r in report["pit_vs_self_refine"]] == [1.0, 1.0]
     assert report["pit_stop_rule"] == {"beat_initial": 1.0, "calls_per_item": 3.0, "changed": 1.0}
+    assert report["initial_mean_chars"] == 1.5 and report["pit"][0]["mean_chars"] == 2.5
+    assert report["pit"][0]["unchanged"] == 0.0 and report["self_refine"][1]["unchanged"] == 1.0
     gap = _ScriptedGap([])
     with pytest.raises(TPODataError, match="judge is the gap reward model"):
         evaluate(["x"], ["a"], _appender, gap, gap)
@@ -332,3 +337,132 @@ def test_improve_cli(pit_run, capsys):
             code = exited.code
         assert code == 2
         assert problem in capsys.readouterr().err
+
+
+# --- pit-eval's pair-wise judge and pit-run --------------------------------------------------
+
+
+class _FakeJudgeLLM:
+    """A pair-wise judge LLM that prefers the answer containing GOOD, or always names A."""
+
+    def __init__(self, biased=False):
+        self.biased, self.calls = biased, 0
+
+    def get_generation_kwargs(self):
+        return {}
+
+    def generate_outputs(self, inputs, num_generations=1, **kwargs):
+        self.calls += len(inputs)
+        texts = []
+        for messages in inputs:
+            user = messages[-1]["content"]
+            first_good = "GOOD" in user and ("bad" not in user or user.index("GOOD") < user.index("bad"))
+            texts.append("[[A]]" if self.biased or first_good else "[[B]]")
+        return [{"generations": [t]} for t in texts]
+
+
+def test_pairwise_judge_outcomes_and_win_share():
+    from tpo_data.pit_eval import PairwiseLLMJudge, _win_share
+
+    judge = PairwiseLLMJudge(_FakeJudgeLLM())
+    # Both orders agree: GOOD wins; an unchanged answer is a tie without a judge call.
+    assert judge.compare(["x", "y", "z"], ["GOOD", "bad", "same"], ["bad", "GOOD", "same"]) == [1.0, 0.0, 0.5]
+    assert judge.llm.calls == 4 and judge.calls == 4 and (judge.pairs, judge.decided) == (2, 2)
+    assert _win_share(judge, ["x", "y"], ["GOOD", "GOOD"], ["bad", "bad"]) == 1.0
+    judge.llm = _FakeJudgeLLM(biased=True)  # always "A": the two orders cancel out
+    assert judge.compare(["x"], ["GOOD"], ["bad"]) == [0.5]
+
+
+def _marker_stage(name, tmp_path, needs=(), stamp=False, store_version=False, fail=False):
+    from tpo_data.pit_run import Stage
+
+    marker = tmp_path / name / ("stamp.json" if stamp else "manifest.json")
+    write_marker = f"p = pathlib.Path({str(marker)!r}); p.parent.mkdir(exist_ok=True); p.write_text('{{}}')"
+    code = (f"import pathlib; pathlib.Path({str(tmp_path / 'log')!r}).open('a').write({name!r} + '\\n')\n"
+            + ("raise SystemExit(3)\n" if fail else "") + ("" if stamp else write_marker))
+    return Stage(name, [sys.executable, "-c", code], marker, list(needs), stamp=stamp, store_version=store_version)
+
+
+def _ran(tmp_path):
+    log = tmp_path / "log"
+    return log.read_text().split() if log.is_file() else []
+
+
+def test_pit_run_skips_finished_stages_and_redoes_stale_ones(tmp_path):
+    from tpo_data.pit_run import run_stages
+
+    def stages():
+        return [_marker_stage("rows", tmp_path, store_version=True),
+                _marker_stage("sft", tmp_path, ["rows"], stamp=True),
+                _marker_stage("rl", tmp_path, ["rows", "sft"], stamp=True),
+                _marker_stage("eval", tmp_path, ["rl"])]
+
+    times = tmp_path / "run" / "pit_run.json"
+    assert run_stages(stages(), times) == 0
+    assert _ran(tmp_path) == ["rows", "sft", "rl", "eval"]
+    assert set(json.loads(times.read_text())) == {"rows", "sft", "rl", "eval"}
+    assert json.loads((tmp_path / "sft" / "stamp.json").read_text())["stage"] == "sft"
+    run_stages(stages(), times)  # everything done: nothing runs
+    assert _ran(tmp_path) == ["rows", "sft", "rl", "eval"]
+    # A model folder without its stamp (a killed run) is trained again, and what reads it is redone.
+    (tmp_path / "sft" / "stamp.json").unlink()
+    run_stages(stages(), times)
+    assert _ran(tmp_path)[4:] == ["sft", "rl", "eval"]
+    # A store version older than its input is never rewritten: the run names the folder to delete.
+    os.utime(tmp_path / "sft" / "stamp.json", (time.time() + 60, time.time() + 60))
+    late = [_marker_stage("sft", tmp_path, stamp=True), _marker_stage("rows", tmp_path, ["sft"], store_version=True)]
+    with pytest.raises(TPODataError, match="Delete .*rows"):
+        run_stages(late, times)
+
+
+def test_pit_run_stops_at_a_failing_stage(tmp_path):
+    from tpo_data.pit_run import run_stages
+
+    stages = [_marker_stage("sft", tmp_path, stamp=True, fail=True), _marker_stage("rl", tmp_path, ["sft"], stamp=True)]
+    with pytest.raises(TPODataError, match="Stage sft failed .exit status 3"):
+        run_stages(stages, tmp_path / "times.json")
+    assert _ran(tmp_path) == ["sft"] and not stages[0].marker.exists()
+    with pytest.raises(TPODataError, match="Unknown stage"):
+        run_stages(stages, tmp_path / "times.json", only="nope")
+
+
+def test_pit_run_plan_of_the_recipe(tmp_path):
+    import yaml
+
+    from tpo_data.pit_run import plan
+
+    stages = plan("recipes/pit-smollm2.yaml", python="PY")
+    assert [s.name for s in stages] == ["prefs", "rows", "sft", "reward", "rl-1", "refs-2", "rl-2", "eval"]
+    by = {s.name: s for s in stages}
+    assert by["prefs"].command[:4] == ["PY", "pipelines/tpo.py", "--config", "recipes/tpo-smollm2.yaml"]
+    assert str(by["prefs"].marker) == "outputs/pit-smollm2/prefs/store/iter-1/manifest.json"
+    assert by["rl-2"].command[-8:] == ["--round", "2", "--model", "outputs/pit-smollm2/rl-1", "--kl_reference",
+                                       "outputs/pit-smollm2/sft", "--output_dir", "outputs/pit-smollm2/rl-2"]
+    assert by["rl-2"].needs == ["rl-1", "refs-2", "sft", "reward"] and by["sft"].stamp
+    assert "--judge" in by["eval"].command and str(by["eval"].marker) == "outputs/pit-smollm2/eval.json"
+    recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
+    # Without a prefs section, missing preference data is an error naming what to run.
+    del recipe["prefs"]
+    recipe["pipeline"]["preferences"] = str(tmp_path / "tpo-smollm2" / "store" / "iter-1")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TPODataError, match="(?s)does not exist.*scripts/main.sh"):
+        plan(tmp_path / "r.yaml")
+    recipe["prefs"] = {"output_dir": str(tmp_path / "elsewhere")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TPODataError, match="prefs stage writes"):
+        plan(tmp_path / "r.yaml")
+
+
+def test_train_layers_freezes_all_but_the_top(tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tpo_data.pit_training import freeze_lower_layers
+
+    lm = freeze_lower_layers(AutoModelForCausalLM.from_pretrained(tiny_lm), 1)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm.")) for n in trainable)
+    rm = freeze_lower_layers(AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1), 2)
+    assert {n.split(".")[0] for n, p in rm.named_parameters() if p.requires_grad} == {"model", "score"}
+    assert not any(p.requires_grad for p in rm.model.embed_tokens.parameters())
+    with pytest.raises(TPODataError, match="exceeds"):
+        freeze_lower_layers(AutoModelForCausalLM.from_pretrained(tiny_lm), 3)

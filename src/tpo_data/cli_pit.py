@@ -8,7 +8,11 @@ score, then the best answer. Without ``--answer`` the first answer comes from
 
 ``pit-eval`` runs :func:`tpo_data.pit_eval.evaluate` on the held-out ``test`` rows of a
 PIT store version: PIT per round, PIT with the stop rule, and Self-Refine-style prompting
-of the policy at equal call counts, judged by an independent point-wise reward model.
+of the policy at equal call counts, judged by an independent point-wise reward model
+(``--judge reward_model``) or a pair-wise LLM judge (``--judge pairwise``: the TPO judge
+prompt, both orders, forced verdicts; e.g. ``--judge-model embedded``).
+
+``pit-run`` runs the whole chain of a recipe, skipping finished stages (:mod:`tpo_data.pit_run`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="a rewrite is kept only when its gap over the last answer is above this")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="transformers: in process; vllm: one vLLM server per distinct model "
+                             "(much faster on CPU for the pair-wise judge; needs .venv-vllm)")
+    parser.add_argument("--vllm-port", type=int, default=8031, help="port of the first vLLM server")
 
 
 def add_cli(subparsers: Any) -> None:
@@ -49,7 +57,12 @@ def add_cli(subparsers: Any) -> None:
         "pit-eval", help="evaluate PIT against Self-Refine on held-out items", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--judge-model", required=True,
-                          help="point-wise reward model that judges (must not be the gap reward model)")
+                          help="the judge (must not be the gap reward model): a point-wise reward model, "
+                               "or with --judge pairwise an LLM ('embedded', a folder or a cached Hub id)")
+    evaluate.add_argument("--judge", choices=("reward_model", "pairwise"), default="reward_model",
+                          help="reward_model: point-wise scores; pairwise: an LLM compares both orders")
+    evaluate.add_argument("--judge-max-new-tokens", type=int, default=128,
+                          help="pairwise: tokens per judgment (a verdict is forced after them if missing)")
     evaluate.add_argument("--store", required=True, help="store folder holding the PIT version")
     evaluate.add_argument("--version", default="pit-sft-1", help="version with a 'test' config")
     evaluate.add_argument("--self-refine-model",
@@ -60,12 +73,36 @@ def add_cli(subparsers: Any) -> None:
     _add_generation(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
+    run = subparsers.add_parser(
+        "pit-run", help="run the whole PIT chain of a recipe, skipping finished stages",
+        description=_pit_run_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", default="recipes/pit-smollm2.yaml", help="the PIT recipe")
+    run.add_argument("--only", help="run only this stage, unless it is done (its inputs must exist)")
+    run.add_argument("--dry-run", action="store_true", help="print the stages and whether they are done")
+    run.set_defaults(func=_cmd_run)
 
-def _chat(args: argparse.Namespace, model: str, what: str):
-    from tpo_data.pit_eval import ChatModel
 
-    return ChatModel(model, temperature=args.temperature, top_p=args.top_p,
-                     max_new_tokens=args.max_new_tokens, seed=args.seed, what=what)
+def _pit_run_doc() -> str:
+    from tpo_data import pit_run
+
+    return pit_run.__doc__ or ""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tpo_data.pit_run import run_chain
+
+    return run_chain(args.config, only=args.only, dry_run=args.dry_run)
+
+
+def _models(args: argparse.Namespace, log_dir: str | Path):
+    from tpo_data.pit_eval import LocalModels
+
+    return LocalModels(args.engine, vllm_port=args.vllm_port, log_dir=log_dir, seed=args.seed)
+
+
+def _chat(args: argparse.Namespace, models: Any, model: str, what: str):
+    return models.chat(model, what, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p)
 
 
 def _check_rounds(value: int, flag: str) -> None:
@@ -79,12 +116,13 @@ def _cmd_improve(args: argparse.Namespace) -> int:
 
     _check_rounds(args.max_rounds, "--max-rounds")
     gap_model = GapRewardModel(args.reward_model)  # cheap checks first: fail before loading the LM
-    pit = _chat(args, args.pit_model, "--pit-model")
-    answer = args.answer
-    if answer is None:
-        policy = pit if not args.policy else _chat(args, args.policy, "--policy")
-        answer = policy([[{"role": "user", "content": args.instruction}]])[0]
-    result = improve_many([args.instruction], [answer], pit, gap_model, args.max_rounds, args.threshold)[0]
+    with _models(args, Path(args.pit_model).parent) as models:
+        pit = _chat(args, models, args.pit_model, "--pit-model")
+        answer = args.answer
+        if answer is None:
+            policy = pit if not args.policy else _chat(args, models, args.policy, "--policy")
+            answer = policy([[{"role": "user", "content": args.instruction}]])[0]
+        result = improve_many([args.instruction], [answer], pit, gap_model, args.max_rounds, args.threshold)[0]
     if args.json:
         print(json.dumps({"instruction": result.instruction, "initial": result.initial,
                           "rounds": [{"round": i + 1, "answer": a, "gap": g, "kept": k} for i, (a, g, k)
@@ -101,29 +139,44 @@ def _cmd_improve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tpo_data.pit_eval import evaluate, format_report
+    from tpo_data.pit_eval import PairwiseLLMJudge, evaluate, format_report
     from tpo_data.pit_training import TEST, GapRewardModel, load_rows, model_path
     from tpo_data.reward_models import RewardModelScorer
 
     _check_rounds(args.rounds, "--rounds")
     if Path(args.judge_model).resolve() == Path(args.reward_model).resolve():
         raise TPODataError("--judge-model is the gap reward model PIT was trained against.",
-                           "Judge with an independent point-wise reward model.")
+                           "Judge with an independent point-wise reward model or LLM judge.")
     rows = load_rows(args.store, args.version, TEST, args.max_items)
     gap_model = GapRewardModel(args.reward_model)
-    judge = RewardModelScorer(model_path(args.judge_model, "--judge-model"))
-    pit = _chat(args, args.pit_model, "--pit-model")
-    policy = _chat(args, args.policy, "--policy") if args.policy else pit
-    refine_name = args.self_refine_model
-    refiner = None if refine_name == "none" else policy if not refine_name else _chat(
-        args, refine_name, "--self-refine-model")
-    instructions = rows["instruction"]
-    initial = policy([[{"role": "user", "content": x}] for x in instructions])
-    report = evaluate(instructions, initial, pit, gap_model, judge, refiner, args.rounds, args.threshold)
+    if args.judge == "reward_model":
+        judge: Any = RewardModelScorer(model_path(args.judge_model, "--judge-model"))
+    log_dir = Path(args.output).parent if args.output else Path(args.store)
+    with _models(args, log_dir) as models:
+        if args.judge == "pairwise":
+            judge = PairwiseLLMJudge(models.llm(args.judge_model, "--judge-model",
+                                                max_new_tokens=args.judge_max_new_tokens, temperature=0.0,
+                                                top_p=1.0), args.judge_model)
+        pit = _chat(args, models, args.pit_model, "--pit-model")
+        policy = _chat(args, models, args.policy, "--policy") if args.policy else pit
+        refine_name = args.self_refine_model
+        refiner = None if refine_name == "none" else policy if not refine_name else _chat(
+            args, models, refine_name, "--self-refine-model")
+        instructions = rows["instruction"]
+        initial = policy([[{"role": "user", "content": x}] for x in instructions])
+        report = evaluate(instructions, initial, pit, gap_model, judge, refiner, args.rounds, args.threshold)
     report.update(pit_model=args.pit_model, policy=args.policy or args.pit_model,
                   self_refine_model=None if refiner is None else (refine_name or args.policy or args.pit_model),
-                  judge_model=args.judge_model, reward_model=args.reward_model)
+                  judge_model=args.judge_model, judge=args.judge, reward_model=args.reward_model,
+                  temperature=args.temperature, max_new_tokens=args.max_new_tokens, engine=args.engine)
+    if args.judge == "pairwise":
+        report["judge_calls"] = {"calls": judge.calls, "forced": judge.forced, "undecided": judge.undecided,
+                                 "pairs": judge.pairs, "decided": judge.decided}
     print(format_report(report))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)  # written whole or not at all: pit-run treats the file as "done"
     return 0

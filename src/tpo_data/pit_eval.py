@@ -8,7 +8,8 @@ that is not better, or after ``max_rounds`` (:func:`tpo_data.pit.should_stop`). 
 result is the last kept answer, which by construction beat every answer before it.
 
 Evaluation (:func:`evaluate`), on held-out instructions, with a judge that is NOT the gap
-reward model (any point-wise :class:`~tpo_data.reward_models.RewardModelScorer`):
+reward model: any point-wise :class:`~tpo_data.reward_models.RewardModelScorer`, or a
+pair-wise LLM judge (:class:`PairwiseLLMJudge`, the TPO judge prompt, both orders):
 
 - per round k (every item rewritten k times, no stop rule): the share of y_k that beat
   the answer they improved, y_{k-1}, and the share that beat y_0;
@@ -17,7 +18,10 @@ reward model (any point-wise :class:`~tpo_data.reward_models.RewardModelScorer`)
 - the PIT answer chosen by the stop rule against y_0, with its mean call count.
 
 A win is a strictly higher judge score; a tie counts one half (identical rewrites are common
-with small models, and counting them as losses would understate both methods alike).
+with small models, and counting them as losses would understate both methods alike). A
+pair-wise judge compares each pair in both orders: winning both is 1, one order and a
+tie or unusable verdict in the other 3/4, split or tied 1/2 (as ``tpo-data eval``); an
+unchanged answer is a tie without a judge call.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
@@ -42,23 +47,68 @@ def self_refine_messages(instruction: str, answer: str) -> list[dict[str, str]]:
 
 
 class ChatModel:
-    """A local chat model answering message lists in batches (``BatchedTransformersLLM``)."""
+    """A chat model answering message lists in batches: any loaded distilabel LLM (in-process
+    ``BatchedTransformersLLM`` or an ``OpenAILLM`` on a vLLM server), see :class:`LocalModels`."""
 
-    def __init__(self, model: str, *, temperature: float = 0.5, top_p: float = 0.95,
-                 max_new_tokens: int = 256, seed: int = 0, what: str = "--model"):
-        from tpo_data.engines import BatchedTransformersLLM
-        from tpo_data.pit_training import model_path
-
-        self.name = model
-        self.llm = BatchedTransformersLLM(model=model_path(model, what), seed=seed)
-        self.llm.load()
-        self.kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    def __init__(self, llm: Any, name: str = ""):
+        self.llm, self.name = llm, name
 
     def __call__(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
         if not conversations:
             return []
-        outputs = self.llm.generate(list(conversations), num_generations=1, **self.kwargs)
-        return [(out["generations"][0] or "").strip() for out in outputs]
+        outputs = self.llm.generate_outputs(inputs=list(conversations), num_generations=1,
+                                            **self.llm.get_generation_kwargs())
+        return [((out.get("generations") or [None])[0] or "").strip() for out in outputs]
+
+
+class LocalModels:
+    """Loads the models of ``improve``/``pit-eval``: in process (``engine="transformers"``), or
+    each distinct model on a vLLM server of its own (``"vllm"``, ports from ``vllm_port`` up),
+    shared by every use of that model (policy, Self-Refine, judge). Servers stop on exit."""
+
+    def __init__(self, engine: str = "transformers", *, vllm_port: int = 8031, log_dir: str | Path = ".",
+                 seed: int = 0):
+        from contextlib import ExitStack
+
+        if engine not in ("transformers", "vllm"):
+            raise TPODataError(f"Unknown engine {engine!r}.", "Use transformers or vllm.")
+        self.engine, self.vllm_port, self.log_dir, self.seed = engine, vllm_port, Path(log_dir), seed
+        if engine == "vllm":
+            import logging
+
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+        self.stack = ExitStack()
+        self.servers: dict[str, tuple[str | None, str | None]] = {}
+
+    def __enter__(self) -> LocalModels:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
+
+    def llm(self, model: str, what: str, *, max_new_tokens: int, temperature: float, top_p: float = 0.95) -> Any:
+        """A loaded distilabel LLM for ``model`` with these sampling settings."""
+        from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
+        from tpo_data.pipeline import start_endpoint
+        from tpo_data.pit_training import model_path
+
+        path = model_path(model, what)
+        engine = EngineArguments(model=path, engine=self.engine, vllm_port=self.vllm_port + len(self.servers))
+        sampling = SamplingArguments(num_samples=1, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, seed=self.seed)
+        if self.engine == "vllm" and path not in self.servers:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.servers[path] = start_endpoint(engine, path, sampling, self.log_dir, self.stack,
+                                                log_name=f"vllm-{len(self.servers)}-{Path(path).name}.log")
+        base_url, served = self.servers.get(path, (None, None))
+        llm = build_llm(engine, sampling, path, base_url, served)
+        llm.load()
+        return llm
+
+    def chat(self, model: str, what: str, *, max_new_tokens: int = 256, temperature: float = 0.5,
+             top_p: float = 0.95) -> ChatModel:
+        return ChatModel(self.llm(model, what, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p), model)
 
 
 @dataclass
@@ -107,11 +157,50 @@ def improve_many(instructions: Sequence[str], answers: Sequence[str], pit: Any, 
     return results
 
 
+class PairwiseLLMJudge:
+    """A pair-wise LLM judge (``tpo_data.judges``: the TPO judge prompt, forced verdicts).
+
+    :meth:`compare` judges every (new, old) pair in both orders and returns one outcome
+    per pair in {0, 1/4, 1/2, 3/4, 1}: each order gives the new answer 1 for a win, 0 for a
+    loss, 1/2 for a tie or no usable verdict, so a judge that always names A scores 1/2.
+    ``llm``: a loaded distilabel LLM whose generation kwargs drive the judgments (greedy).
+    """
+
+    def __init__(self, llm: Any, name: str = "", force_verdict: bool = True):
+        self.llm, self.name, self.force_verdict = llm, name, force_verdict
+        self.calls = self.forced = self.undecided = 0
+        self.pairs = self.decided = 0  # pairs judged; those not tied (the two orders did not cancel out)
+
+    def compare(self, instructions: Sequence[str], new: Sequence[str], old: Sequence[str]) -> list[float]:
+        from tpo_data.judges import judge_calls
+
+        results = [0.5] * len(new)
+        todo = [i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b]
+        calls = [(instructions[i], new[i], old[i]) for i in todo] + [(instructions[i], old[i], new[i]) for i in todo]
+        verdicts = judge_calls(self.llm, calls, self.force_verdict)
+        self.calls += len(verdicts)
+        self.forced += sum(v.forced for v in verdicts)
+        self.undecided += sum(v.r == 0 for v in verdicts)
+        for k, i in enumerate(todo):
+            # r: +1 when A won. The new answer is A in the first order and B in the second.
+            results[i] = (2 + verdicts[k].r - verdicts[k + len(todo)].r) / 4
+        self.pairs += len(todo)
+        self.decided += sum(results[i] != 0.5 for i in todo)
+        return results
+
+
 def _win_share(judge: Any, instructions: Sequence[str], new: Sequence[str], old: Sequence[str]) -> float:
+    if hasattr(judge, "compare"):
+        outcomes = judge.compare(list(instructions), list(new), list(old))
+        return sum(outcomes) / len(outcomes)
     scores = judge.score(list(instructions) * 2, list(new) + list(old))
     a, b = scores[: len(new)], scores[len(new):]
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     return wins / len(new)
+
+
+def _mean_chars(texts: Sequence[str]) -> float:
+    return sum(len(t) for t in texts) / max(1, len(texts))
 
 
 def _rounds(generate: Any, prompt: Any, instructions: Sequence[str], initial: Sequence[str],
@@ -128,7 +217,8 @@ def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_
     """PIT per round, PIT with the stop rule, and Self-Refine at equal calls, judged by ``judge``.
 
     ``pit``/``self_refine`` map message lists to answers (:class:`ChatModel`); ``gap_model``
-    has ``calibrated_gap(x, new, last)``; ``judge`` has ``score(x, y)`` and must not be the gap model.
+    has ``calibrated_gap(x, new, last)``; ``judge`` has ``score(x, y)`` (point-wise) or
+    ``compare(x, new, old)`` (pair-wise, outcomes in [0, 1]) and must not be the gap model.
     """
     if not instructions:
         raise TPODataError("No held-out items to evaluate.", "Use a version whose 'test' config has rows.")
@@ -148,7 +238,10 @@ def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_
             "calls_per_item": k + 1,  # y_0 plus one rewrite per round
             "beat_previous": _win_share(judge, instructions, history[k], history[k - 1]),
             "beat_initial": _win_share(judge, instructions, history[k], history[0]),
+            "mean_chars": _mean_chars(history[k]),
+            "unchanged": sum(a == b for a, b in zip(history[k], history[k - 1])) / len(history[k]),
         } for k in range(1, rounds + 1)]
+    report["initial_mean_chars"] = _mean_chars(initial)
     if self_refine is not None:
         report["pit_vs_self_refine"] = [
             {"round": k, "pit_wins": _win_share(judge, instructions, histories["pit"][k], histories["self_refine"][k])}
@@ -164,14 +257,22 @@ def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_
 
 def format_report(report: dict[str, Any]) -> str:
     """The evaluation as a few plain lines."""
-    lines = [f"{report['items']} held-out items, {report['rounds']} rounds (wins; ties count 1/2)"]
+    lines = [f"{report['items']} held-out items, {report['rounds']} rounds (wins; ties count 1/2)"
+             + (f"; y0 {report['initial_mean_chars']:.0f} chars" if "initial_mean_chars" in report else "")]
     for name in ("pit", "self_refine"):
         for row in report.get(name, []):
+            extra = (f"; {row['mean_chars']:.0f} chars, unchanged {row['unchanged']:.3f}"
+                     if "mean_chars" in row else "")
             lines.append(f"{name:12s} round {row['round']} ({row['calls_per_item']} calls): "
-                         f"beats previous {row['beat_previous']:.3f}, beats y0 {row['beat_initial']:.3f}")
+                         f"beats previous {row['beat_previous']:.3f}, beats y0 {row['beat_initial']:.3f}{extra}")
     for row in report.get("pit_vs_self_refine", []):
         lines.append(f"pit vs self_refine round {row['round']}: pit wins {row['pit_wins']:.3f}")
     stop = report["pit_stop_rule"]
     lines.append(f"pit + stop rule: beats y0 {stop['beat_initial']:.3f}, "
                  f"{stop['calls_per_item']:.2f} calls per item, answer changed for {stop['changed']:.3f}")
+    if report.get("judge_calls"):
+        calls = report["judge_calls"]
+        lines.append(f"judge ({report.get('judge_model', '?')}, pair-wise, both orders): {calls['calls']} calls, "
+                     f"{calls['forced']} forced verdicts, {calls['undecided']} without a verdict; "
+                     f"{calls.get('decided', '?')} of {calls.get('pairs', '?')} differing pairs not a tie")
     return "\n".join(lines)

@@ -65,9 +65,16 @@ class PITDataArguments:
     max_examples: int | None = field(default=None, metadata={"help": "Use at most this many rows."})
 
 
+def _train_layers_field() -> Any:
+    return field(default=0, metadata={
+        "help": "Train only the last N decoder layers and the final norm (and a reward head); 0 trains "
+                "everything. Cuts the backward pass on a CPU; the paper trains all weights."})
+
+
 @dataclass
 class SFTStageArguments:
     model: str = field(default="embedded", metadata={"help": "Model to fine-tune: 'embedded', a folder or a Hub id."})
+    train_layers: int = _train_layers_field()
 
 
 @dataclass
@@ -79,6 +86,7 @@ class RewardStageArguments:
     max_length: int = field(
         default=1024, metadata={"help": "Tokens per (x, y1, y2) text; longer ones lose their start."}
     )
+    train_layers: int = _train_layers_field()
 
 
 @dataclass
@@ -97,6 +105,7 @@ class RLStageArguments:
     )
     reward_batch_size: int = field(default=8, metadata={"help": "Gap reward model batch size."})
     reward_max_length: int = field(default=1024, metadata={"help": "Gap reward model max tokens."})
+    train_layers: int = _train_layers_field()
 
     def __post_init__(self) -> None:
         if self.round not in (1, 2):
@@ -190,6 +199,36 @@ def model_path(name: str, what: str) -> str:
         return str(resolve_model(name))
     except TPODataError as err:
         raise TPODataError(f"{what}: {err.problem}", err.fix.replace("--model", what)) from None
+
+
+def freeze_lower_layers(model: Any, train_layers: int, checkpointing: bool = False) -> Any:
+    """Leave only the last ``train_layers`` decoder layers, the final norm and a ``score`` head trainable.
+
+    ``0`` keeps everything trainable. The embeddings (tied to the LM head in SmolLM2) stay
+    frozen, so backward stops below the first trained layer: on a CPU that is most of a
+    training step's cost.
+    """
+    if train_layers <= 0:
+        return model
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TPODataError(f"--train_layers needs a decoder with .layers; {type(model).__name__} has none.",
+                           "Use --train_layers 0 (train all weights) for this model.")
+    if train_layers > len(layers):
+        raise TPODataError(f"--train_layers {train_layers} exceeds the model's {len(layers)} layers.",
+                           f"Pass at most {len(layers)}, or 0 for all weights.")
+    model.requires_grad_(False)
+    for module in (*layers[-train_layers:], getattr(base, "norm", None), getattr(model, "score", None)):
+        if module is not None:
+            module.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("Training the last %d of %d layers: %.1fM of %.1fM parameters", train_layers, len(layers),
+             trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
+    if checkpointing:
+        # Reentrant checkpointing needs an input that requires grad, or the trained layers get none.
+        model.enable_input_require_grads()
+    return model
 
 
 # --- the gap reward model ----------------------------------------------------------------
@@ -296,7 +335,13 @@ def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
 
     path = model_path(stage.model, "--model")
     ds = load_rows(data.store, data.version, TRAIN, data.max_examples).select_columns(["prompt", "completion"])
-    trainer = SFTTrainer(model=path, args=config, train_dataset=ds, processing_class=load_tokenizer(path))
+    model: Any = path
+    if stage.train_layers:
+        from transformers import AutoModelForCausalLM
+
+        model = freeze_lower_layers(AutoModelForCausalLM.from_pretrained(path), stage.train_layers,
+                                    config.gradient_checkpointing)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(path))
     trainer.train()
     trainer.save_model(config.output_dir)
     return Path(config.output_dir)
@@ -311,6 +356,7 @@ def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> P
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     # The head finds each row's last token through the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
+    freeze_lower_layers(model, stage.train_layers, config.gradient_checkpointing)
     ds = load_rows(data.store, data.version, TRAIN, data.max_examples).select_columns(
         ["instruction", "better", "reference"])
     config.remove_unused_columns = False  # the collator needs the raw text columns
@@ -347,8 +393,10 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     version = data.version if stage.round == 1 else stage.refs_version
     ds = rl_dataset(load_rows(data.store, version, TRAIN, data.max_examples))
     policy: Any = path
+    if stage.kl_reference or stage.train_layers:
+        policy = freeze_lower_layers(AutoModelForCausalLM.from_pretrained(path), stage.train_layers,
+                                     config.gradient_checkpointing)
     if stage.kl_reference:
-        policy = AutoModelForCausalLM.from_pretrained(path)
         policy.config._name_or_path = model_path(stage.kl_reference, "--kl_reference")
     log.info("RL round %d on %d rows of %s (beta=%s)", stage.round, ds.num_rows, version, config.beta)
     trainer = RLOOTrainer(model=policy, reward_funcs=gap_reward_function(reward_model), args=config,
