@@ -174,3 +174,27 @@ def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     before = (out / "judgments.jsonl").read_bytes()
     assert eval_main(args)["comparisons"] == report["comparisons"]
     assert (out / "judgments.jsonl").read_bytes() == before
+
+
+def test_direct_baseline_loop(tiny_lm, tmp_path):
+    """--baseline runs the control loop without thoughts beside the main one; eval compares both."""
+    from tiny_models import make_tiny_seqcls
+
+    rm = make_tiny_seqcls(tmp_path / "rm")
+    out = tmp_path / "run"
+    # The main loop uses the direct prompt too (see _args): the tiny model never writes a
+    # separator, so a thought prompt would leave it no pairs to train on.
+    result = loop_main(_args(tiny_lm, rm, out, "--iterations", "1", "--baseline", "true",
+                             "--eval_size", "2"))
+    direct = out / "direct"
+    manifest = LocalStore(direct / "store").manifest("iter-1")
+    assert manifest["recipe"]["run"]["thought_prompt"] == "direct"
+    assert manifest["recipe"]["run"]["push_to_hub"] is None
+    assert [t for t, _ in trained_models(direct)] == [1] and [t for t, _ in trained_models(out)] == [1]
+    report = result["report"]
+    assert [(m["name"], m["prompt"], m["baseline"]) for m in report["models"]] == [
+        ("M0", "direct", False), ("M1", "direct", False), ("direct", "direct", True)]
+    assert report["models"][-1]["path"] == str(direct / "models" / "iter-1")
+    assert [(c["model"], c["reference"]) for c in report["comparisons"]] == [
+        ("M1", "M0"), ("M0", "direct"), ("M1", "direct")]
+    assert all(c["overall"]["n"] == 2 for c in report["comparisons"])
