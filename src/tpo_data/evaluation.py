@@ -125,14 +125,14 @@ def holdout_rows(instructions: InstructionArguments, size: int) -> list[dict]:
     return rows[:size] if size else rows
 
 
-def answer(model: EvalModel, rows: list[dict], engine: EngineArguments, sampling: SamplingArguments,
-           run: RunArguments, folder: Path, judge_server: "JudgeServer | None" = None) -> list[dict]:
-    """One sample per held-out instruction from ``model`` (resumable, like a TPO iteration).
+def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArguments,
+           sampling: SamplingArguments, run: RunArguments, folder: Path,
+           judge_server: "JudgeServer | None" = None) -> list[dict]:
+    """One sample per held-out instruction from ``model`` (local folder ``path``), resumable.
 
     A model that the judge's vLLM server serves anyway answers through that server.
     """
     out_dir = folder / "outputs" / model.name
-    path = str(resolve_model(model.path))
     pending = any(not GenerationLedger(out_dir / "generations.jsonl").finished(r["id"], False)
                   for r in rows)
     if pending:
@@ -194,6 +194,10 @@ class JudgmentCache:
     def key(self, call: tuple[str, str, str]) -> str:
         return hashlib.sha256(json.dumps([self.label, *call]).encode()).hexdigest()
 
+    def missing(self, calls: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """The calls not judged yet, each once, in order."""
+        return list(dict.fromkeys(c for c in calls if self.key(c) not in self.entries))
+
     def add(self, call: tuple[str, str, str], entry: dict) -> None:
         entry = {"key": self.key(call), **entry}
         self.entries[entry["key"]] = entry
@@ -203,7 +207,7 @@ class JudgmentCache:
 
 def _pairwise_verdicts(calls: list[tuple[str, str, str]], judge: JudgeArguments,
                        server: JudgeServer, cache: JudgmentCache) -> list[dict]:
-    todo = list(dict.fromkeys(c for c in calls if cache.key(c) not in cache.entries))
+    todo = cache.missing(calls)
     if todo:
         log.info("Evaluation: %d judge calls (%d cached)", len(todo), len(calls) - len(todo))
         llm = server.llm()
@@ -220,7 +224,7 @@ def _reward_verdicts(calls: list[tuple[str, str, str]], judge_path: str,
     """A point-wise reward model as a comparison: r = sign(reward(a) - reward(b))."""
     from tpo_data.reward_models import RewardModelScorer
 
-    todo = list(dict.fromkeys(c for c in calls if cache.key(c) not in cache.entries))
+    todo = cache.missing(calls)
     if todo:
         scorer = RewardModelScorer(judge_path)
         texts = list(dict.fromkeys((c[0], t) for c in todo for t in c[1:]))
@@ -246,14 +250,17 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
     eval_run = replace(run, output_dir=str(folder), iteration=0,
                        cache_dir=run.cache_dir or str(folder / ".distilabel-cache"),
                        input_batch_size=run.input_batch_size * sampling.num_samples)
-    seed_path = str(resolve_model(models[0].path))
+    # Resolved once: resolving the embedded model verifies its checksums.
+    paths = {m.name: str(resolve_model(m.path)) for m in models}
+    seed_path = paths[models[0].name]
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
     with ExitStack() as stack:
         server = JudgeServer(judge, engine, sampling, judge_path, folder, stack) \
             if judge.judge == "pairwise" else None
         # Models the judge's server can serve answer last, through it: one server start fewer.
-        order = sorted(models, key=lambda m: bool(server and server.serves(str(resolve_model(m.path)))))
-        answers = {m.name: answer(m, rows, engine, sampling, eval_run, folder, server) for m in order}
+        order = sorted(models, key=lambda m: bool(server and server.serves(paths[m.name])))
+        answers = {m.name: answer(m, paths[m.name], rows, engine, sampling, eval_run, folder, server)
+                   for m in order}
         report = _judge_and_report(models, rows, answers, judge, engine, sampling, judge_path,
                                    server, folder)
     return report
