@@ -111,3 +111,8 @@ def test_server_dying_mid_run_loses_nothing(server, tiny_lm, tmp_path):
     redone = len(re.findall(r"Processing batch \d+ in 'generate'", again.stdout + again.stderr))
     assert redone == 8 - finished
     assert len(read_rows(out)) == 8
+
+
+def test_server_samples_through_the_cpu_top_p_plugin(server):
+    # The engine process logs it when vLLM loads tpo_data.vllm_top_p (installed by bootstrap.sh --vllm).
+    assert "tpo-data: CPU top-p without a full vocabulary sort" in server.log_path.read_text()

@@ -13,9 +13,8 @@ the answers they lead to.
   (``scoring.win_matrix`` + ``scoring.bradley_terry``), the sample scores.
   The calls themselves go through :func:`judge_calls`, which also serves
   any other pair-wise comparison (e.g. held-out win rates).
-- ``GroupRewardJudge``: a point-wise reward model (ArmoRM or a one-logit
-  classifier) scoring each parsed response; ``reward_models.PointwiseRewardJudge``
-  over the K samples of a row.
+- ``reward_models.GroupRewardJudge``: a point-wise reward model (ArmoRM or a
+  one-logit classifier) scoring each parsed response of the K samples of a row.
 
 Both output ``scores`` (one per sample, None for parse failures, NaN where
 the judge gave nothing usable), ``judge_calls``, ``judge_unparsable``
@@ -61,7 +60,6 @@ from pydantic import Field
 
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
-from tpo_data.reward_models import PointwiseRewardJudge
 from tpo_data.scoring import bradley_terry, validate_rho, win_matrix
 from tpo_data.steps import _EXCLUDE
 from tpo_data.tournament import Tournament, round_robin_calls
@@ -446,38 +444,6 @@ class _RowJudging:
         for i, s in zip(self.valid, strengths):
             scores[i] = float(s)
         self.row["scores"] = scores
-
-
-class GroupRewardJudge(PointwiseRewardJudge):
-    """A point-wise reward model over the K samples of each row.
-
-    Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
-    ``scores`` (reward per parsed sample, None for parse failures, NaN where
-    the model output was not finite), ``judge_calls`` (responses scored),
-    ``judge_unparsable`` (NaN rewards) and ``judge_forced`` (always 0).
-    """
-
-    @property
-    def inputs(self) -> list[str]:
-        return ["instruction", "responses", "parsed"]
-
-    @property
-    def outputs(self) -> list[str]:
-        return list(JUDGE_COLUMNS)
-
-    def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
-        # One scorer call for the whole batch: it sorts by length, so padding stays small.
-        flat = [(row, i) for row in inputs for i, ok in enumerate(row["parsed"]) if ok]
-        rewards = self._scorer.score([row["instruction"] for row, _ in flat],
-                                     [row["responses"][i] for row, i in flat])
-        for row in inputs:
-            row["scores"] = [None] * len(row["parsed"])
-            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
-        for (row, i), reward in zip(flat, rewards):
-            row["scores"][i] = reward
-            row["judge_calls"] += 1
-            row["judge_unparsable"] += math.isnan(reward)
-        yield inputs
 
 
 def judge_engine_args(judge: JudgeArguments, engine: EngineArguments,

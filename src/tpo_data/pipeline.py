@@ -28,13 +28,7 @@ from typing import Any
 
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
 from tpo_data.errors import TPODataError
-from tpo_data.judges import (
-    GroupRewardJudge,
-    JudgeArguments,
-    PairwiseJudge,
-    judge_engine_args,
-    judge_sampling,
-)
+from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_engine_args, judge_sampling
 from tpo_data.prompts import ThoughtPrompt
 
 log = logging.getLogger("tpo_data")
@@ -144,6 +138,10 @@ def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArgumen
                    batch_size: int, out_dir: Path, stack: ExitStack) -> Callable[[], Any]:
     """What builds the judge step, after starting the judge's endpoint when it needs its own."""
     if judge.judge == "reward_model":
+        # Imported here: reward models pull in transformers' Llama, which the spawned
+        # step processes of every pipeline would otherwise import too.
+        from tpo_data.reward_models import GroupRewardJudge
+
         return functools.partial(GroupRewardJudge, name="judge", model=judge_path,
                                  input_batch_size=batch_size)
     args, reuse = judge_engine_args(judge, engine, same_model=judge_path == model_path)

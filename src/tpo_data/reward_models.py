@@ -37,6 +37,7 @@ from tpo_data.armorm import (
     load_config_dict,
 )
 from tpo_data.errors import TPODataError
+from tpo_data.judges import JUDGE_COLUMNS
 
 if TYPE_CHECKING:
     from distilabel.typing import StepColumns, StepOutput
@@ -425,3 +426,35 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
+
+
+class GroupRewardJudge(PointwiseRewardJudge):
+    """A point-wise reward model over the K samples of each row.
+
+    Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
+    ``scores`` (reward per parsed sample, None for parse failures, NaN where
+    the model output was not finite), ``judge_calls`` (responses scored),
+    ``judge_unparsable`` (NaN rewards) and ``judge_forced`` (always 0).
+    """
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["instruction", "responses", "parsed"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(JUDGE_COLUMNS)
+
+    def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
+        # One scorer call for the whole batch: it sorts by length, so padding stays small.
+        flat = [(row, i) for row in inputs for i, ok in enumerate(row["parsed"]) if ok]
+        rewards = self._scorer.score([row["instruction"] for row, _ in flat],
+                                     [row["responses"][i] for row, i in flat])
+        for row in inputs:
+            row["scores"] = [None] * len(row["parsed"])
+            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
+        for (row, i), reward in zip(flat, rewards):
+            row["scores"][i] = reward
+            row["judge_calls"] += 1
+            row["judge_unparsable"] += math.isnan(reward)
+        yield inputs
