@@ -268,6 +268,13 @@ def print_tournament(report: dict[str, Any]) -> None:
                 f"{s['tournament_bt_agree_rr_pair']:.1%}",
             )
         console.print(sweep)
+        met = [s for s in report["sweep"] if s["tournament_agree_rr_pair"] >= bar["target_agreement"]]
+        console.print(
+            "RR=true pair is the agreement with the round robin of any method that finds the true best "
+            "and worst; beyond it a method must repeat the round robin's own mistakes. "
+            + (f"The bar holds from judge accuracy {met[0]['judge_accuracy']:.3f} (sigma {met[0]['sigma']:g})."
+               if met else "The bar holds nowhere in this sweep.")
+        )
     console.print(f"({report['seconds']:.1f} s)")
 
 
@@ -479,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument(
         "--sweep",
         type=_floats,
-        default=[1.0, 2.0, 4.0, 8.0, 16.0],
+        default=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
         help="comma-separated sigmas for the sweep table ('' to skip)",
     )
     tour.add_argument("--sweep-n", type=int, default=500, help="instructions per sweep point (default 500)")
