@@ -15,27 +15,10 @@ os.environ["COLUMNS"] = "400"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tiny_causal_lm(directory: Path, hidden_size: int = 64, num_layers: int = 2) -> Path:
-    """A random Llama LM with head_dim 32 (vLLM's CPU backend needs >= 32)."""
-    import torch
-    from tiny_models import make_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_tokenizer(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
-        num_key_value_heads=hidden_size // 32, max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_causal_lm
+
     return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 

@@ -2,12 +2,9 @@
 
 A judgment without ``[[A]]``/``[[B]]`` gets a second short call that continues
 the judge's own text with "Final verdict: [[". Real forward passes: a tiny
-random Llama never writes a verdict, which is exactly the case. A random head
-almost never picks the letter A or B after "[[" either, so the "letter judge"
-below has its output rows for "A" and "B" set to +c*u and -c*u: at every
-position it writes A or B (which one depends on the context through the
-hidden state), never brackets. It stands for a weak judge that can name a
-letter but never writes the verdict format by itself.
+random Llama never writes a verdict, which is exactly the case; nor does
+``tiny_models.make_letter_judge``, which stands for a weak judge that can
+name a letter but never writes the verdict format by itself.
 """
 
 import json
@@ -17,13 +14,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 from distilabel.models.llms import OpenAILLM
 from distilabel.models.llms.base import LLM
 from distilabel.models.llms.utils import prepare_output
 from pydantic import PrivateAttr
 
-from conftest import make_tiny_causal_lm, vllm_python
+from conftest import vllm_python
+from tiny_models import make_letter_judge
 from tpo_data.engines import BatchedTransformersLLM
 from tpo_data.judges import FORCE_PREFIX, PairwiseJudge, forced_letter, judge_calls
 
@@ -32,23 +29,6 @@ CALLS = [
     (f"Question {i}?", f"answer {i} " + "detail " * i, f"other {i} " + "sea sky " * (7 - i))
     for i in range(8)
 ]
-
-
-def make_letter_judge(directory, scale: float = 40.0):
-    """A tiny random LM whose greedy output is always the letter A or B (see module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    make_tiny_causal_lm(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    a, b = tokenizer.convert_tokens_to_ids(["A", "B"])
-    generator = torch.Generator().manual_seed(1)
-    u = torch.randn(model.config.hidden_size, generator=generator)
-    with torch.no_grad():
-        model.lm_head.weight[a] = scale * u / u.norm()
-        model.lm_head.weight[b] = -scale * u / u.norm()
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ def test_eval_needs_a_trained_model(tiny_lm, tmp_path):
 
 def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     """Both orders per instruction, forced verdicts for a judge that never writes one."""
-    from test_forced_verdict import make_letter_judge
+    from tiny_models import make_letter_judge
 
     from tpo_data.loop import eval_main
 

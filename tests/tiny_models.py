@@ -4,6 +4,8 @@ Everything here builds in well under a second on CPU:
 
 - ``make_tokenizer(dir)``: a byte-level BPE tokenizer trained on a few sentences,
   with a ChatML chat template, ``<|im_end|>`` as eos and a separate ``<|pad|>``.
+- ``make_tiny_causal_lm(dir)``: a random Llama LM with head_dim 32 (vLLM's CPU backend needs it).
+- ``make_letter_judge(dir)``: that LM made to answer every judge prompt with a bare "A" or "B".
 - ``make_tiny_seqcls(dir)``: a random one-logit ``LlamaForSequenceClassification``.
 - ``make_tiny_armorm(dir)``: a random checkpoint in the layout of
   ``RLHFlow/ArmoRM-Llama3-8B-v0.1`` (its config keys and parameter names), written
@@ -18,7 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -81,6 +91,41 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_
         tie_word_embeddings=False,
         **extra,
     )
+
+
+def make_tiny_causal_lm(directory: Path, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """A random Llama LM with head_dim 32 (vLLM's CPU backend needs >= 32)."""
+    tokenizer = make_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def make_letter_judge(directory, scale: float = 40.0):
+    """A tiny random LM whose greedy output is always the letter A or B, never "[[A]]".
+
+    A random head almost never picks A or B after "[[", so this one has its
+    output rows for "A" and "B" set to +c*u and -c*u: at every position it
+    writes A or B (which one depends on the context through the hidden state).
+    """
+    make_tiny_causal_lm(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    a, b = tokenizer.convert_tokens_to_ids(["A", "B"])
+    generator = torch.Generator().manual_seed(1)
+    u = torch.randn(model.config.hidden_size, generator=generator)
+    with torch.no_grad():
+        model.lm_head.weight[a] = scale * u / u.norm()
+        model.lm_head.weight[b] = -scale * u / u.norm()
+    model.save_pretrained(directory)
+    return directory
 
 
 def make_tiny_seqcls(directory: str | Path, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
