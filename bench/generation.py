@@ -5,7 +5,7 @@ thought prompt), the same sampling (T=0.8, top-p 0.95, K samples per prompt) and
 exactly the same number of generated tokens (EOS ignored, so every engine does
 the same work):
   1. pipeline: the distilabel generation stage (``load >> generate >> split``)
-     against a vLLM server, as ``pipelines/tpo.py`` runs it;
+     against a vLLM server, built as ``pipelines/tpo.py`` builds it;
   2. raw engine: the same vLLM server called directly with the OpenAI client,
      one request with n=K per prompt, all prompts in flight at once;
   3. transformers.generate: the same model in-process, all prompts in one
@@ -21,12 +21,14 @@ Bars (issue 2): pipeline >= 0.9x raw engine; vLLM (the default CPU engine) >= 2.
 transformers.generate.
 
 Usage:
-    .venv/bin/python bench/generation.py                      # SmolLM2-135M, 8 prompts x 8 x 64 tokens
-    .venv/bin/python bench/generation.py --prompts 24 --max_new_tokens 192   # the README's figures (~15 min)
+    .venv/bin/python bench/generation.py     # the README's figures: 24 prompts x K=8 x 192 tokens (~15 min)
+    .venv/bin/python bench/generation.py --prompts 8 --max_new_tokens 64 --repeats 1   # a quick look (~4 min)
 
 The README's figures use the main recipe's generation length (192 tokens). The
 pipeline stage includes distilabel's start and stop (about 4 s: it polls its
-step processes every 2.5 s while they load), so short runs understate it.
+step processes every 2.5 s while they load), so short runs understate it: the
+quick look above reads about 0.7x. The pipeline runs in this process here;
+``tpo-data generate`` runs it in a freshly spawned one (another 2-3 s once).
 
 ``--hf_prompts N`` measures transformers.generate on the first N prompts only,
 for a quicker look; the README's figures use all prompts on every engine.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +79,8 @@ def pipeline_stage(server: VLLMServer, rows: list[dict], args) -> float:
     sampling = SamplingArguments(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
     llm = build_llm(engine, sampling, server.model, server.base_url, server.served_model_name)
     llm.generation_kwargs["extra_body"] = {"ignore_eos": True, "cache_salt": uuid.uuid4().hex}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     with TemporaryDirectory() as cache:
         pipeline = build_pipeline(
             f"bench-{time.time_ns()}", rows, PRESETS["generic"], llm, args.num_samples,
@@ -84,6 +89,8 @@ def pipeline_stage(server: VLLMServer, rows: list[dict], args) -> float:
         start = time.perf_counter()
         distiset = pipeline.run(use_cache=False)
         elapsed = time.perf_counter() - start
+    # distilabel leaves the root logger on its (now closed) log queue; later logs would fail.
+    root.handlers[:], root.level = handlers, level
     produced = list(distiset["default"]["train"])
     assert len(produced) == len(rows) and all(r["engine_ok"] for r in produced)
     return len(rows) * args.num_samples * args.max_new_tokens / elapsed
@@ -112,9 +119,9 @@ def transformers_generate(model_path: str, prompts: list[list[dict]], args, dtyp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--num_samples", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=192, help="default: the main recipe's")
     parser.add_argument("--hf_prompts", type=int, default=None,
                         help="prompts for transformers.generate (default: all of --prompts)")
     parser.add_argument("--repeats", type=int, default=2,
