@@ -415,19 +415,6 @@ class RewardModelScoreTF5(RewardModelScore):
         return logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.tolist()
 
 
-__all__ = [
-    "PLAIN_FORMAT",
-    "PointwiseRewardJudge",
-    "RewardModelScoreTF5",
-    "RewardModelScorer",
-    "RewardResult",
-    "ScorerKind",
-    "detect_kind",
-    "resolve_device",
-    "resolve_dtype",
-]
-
-
 class GroupRewardJudge(PointwiseRewardJudge):
     """A point-wise reward model over the K samples of each row.
 
@@ -458,3 +445,18 @@ class GroupRewardJudge(PointwiseRewardJudge):
             row["judge_calls"] += 1
             row["judge_unparsable"] += math.isnan(reward)
         yield inputs
+
+
+__all__ = [
+    "GroupRewardJudge",
+    "PLAIN_FORMAT",
+    "PointwiseRewardJudge",
+    "RewardModelScoreTF5",
+    "RewardModelScorer",
+    "RewardResult",
+    "ScorerKind",
+    "detect_kind",
+    "resolve_device",
+    "resolve_dtype",
+]
+
