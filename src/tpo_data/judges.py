@@ -82,6 +82,18 @@ CONTINUE_BODY = {"continue_final_message": True, "add_generation_prompt": False}
 log = logging.getLogger(__name__)
 
 
+class JudgeColumns:
+    """The columns of every judge step: it reads a row's K samples and writes JUDGE_COLUMNS."""
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["instruction", "responses", "parsed"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(JUDGE_COLUMNS)
+
+
 @dataclass
 class JudgeArguments:
     """Which judge scores the responses, and how scores become pairs (METHOD.md 1.4-1.6)."""
@@ -350,7 +362,7 @@ class _RoundRobin:
         self._open = []
 
 
-class PairwiseJudge(Task):
+class PairwiseJudge(JudgeColumns, Task):
     """Score each row's parsed responses with pair-wise LLM verdicts and Bradley-Terry.
 
     Input columns: ``instruction``, ``responses`` and ``parsed`` (K each).
@@ -364,14 +376,6 @@ class PairwiseJudge(Task):
     mode: str = "round_robin"
     force_verdict: bool = True
     exclude_from_signature: set[str] = Field(default=_EXCLUDE, exclude=True)
-
-    @property
-    def inputs(self) -> list[str]:
-        return ["instruction", "responses", "parsed"]
-
-    @property
-    def outputs(self) -> list[str]:
-        return list(JUDGE_COLUMNS)
 
     def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
         """``input`` holds ``instruction`` and the two responses as shown, ``a`` and ``b``."""

@@ -37,7 +37,7 @@ from tpo_data.armorm import (
     load_config_dict,
 )
 from tpo_data.errors import TPODataError
-from tpo_data.judges import JUDGE_COLUMNS
+from tpo_data.judges import JudgeColumns
 
 if TYPE_CHECKING:
     from distilabel.typing import StepColumns, StepOutput
@@ -415,7 +415,7 @@ class RewardModelScoreTF5(RewardModelScore):
         return logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.tolist()
 
 
-class GroupRewardJudge(PointwiseRewardJudge):
+class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
     """A point-wise reward model over the K samples of each row.
 
     Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
@@ -423,14 +423,6 @@ class GroupRewardJudge(PointwiseRewardJudge):
     the model output was not finite), ``judge_calls`` (responses scored),
     ``judge_unparsable`` (NaN rewards) and ``judge_forced`` (always 0).
     """
-
-    @property
-    def inputs(self) -> list[str]:
-        return ["instruction", "responses", "parsed"]
-
-    @property
-    def outputs(self) -> list[str]:
-        return list(JUDGE_COLUMNS)
 
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         # One scorer call for the whole batch: it sorts by length, so padding stays small.
@@ -459,4 +451,3 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
-
