@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.pit_training import REFS_VERSION, SFT_VERSION
+from tpo_data.pit_training import REFS_VERSION, SFT_VERSION, read_recipe
 from tpo_data.store import MANIFEST
 
 log = logging.getLogger("tpo_data")
@@ -77,19 +77,6 @@ def _flags(section: dict[str, Any]) -> list[str]:
     return out
 
 
-def load_recipe_file(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
-                           "Pass an existing PIT recipe, e.g. --config recipes/pit-smollm2.yaml.") from None
-    if not isinstance(data, dict):
-        raise TPODataError(f"{path} is not a YAML mapping.", "Write the recipe as key: value lines.")
-    return data
-
-
 def _require(section: dict[str, Any], key: str, where: str, recipe: str) -> Any:
     if section.get(key) in (None, ""):
         raise TPODataError(f"{recipe}: section {where!r} has no {key!r}.",
@@ -100,7 +87,7 @@ def _require(section: dict[str, Any], key: str, where: str, recipe: str) -> Any:
 def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     """The stages of a recipe, in order."""
     recipe = str(recipe_path)
-    data = load_recipe_file(recipe)
+    data = read_recipe(recipe)
     py = python or sys.executable
     store = Path(data.get("store", "outputs/pit/store"))
     pipe = data.get("pipeline") or {}
@@ -115,7 +102,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
         prefs = dict(prefs)
         tpo_config = prefs.pop("config", "recipes/tpo-smollm2.yaml")
         out = Path(_require(prefs, "output_dir", "prefs", recipe))
-        version = f"iter-{prefs.get('iteration', load_recipe_file(tpo_config).get('iteration', 1))}"
+        version = f"iter-{prefs.get('iteration', read_recipe(tpo_config).get('iteration', 1))}"
         written = Path(prefs.get("store", out / "store")) / version
         if written.resolve() != preferences.resolve():
             raise TPODataError(
@@ -205,7 +192,7 @@ def run_chain(recipe: str | Path, only: str | None = None, dry_run: bool = False
     if not (Path("pipelines/pit.py").is_file() and Path("trainers/pit.py").is_file()):
         raise TPODataError("pit-run runs the project's pipelines/ and trainers/ scripts, which are not here.",
                            "Run it from the repository root (bash scripts/pit.sh does).")
-    data = load_recipe_file(recipe)
+    data = read_recipe(recipe)
     times_path = Path((data.get("pipeline") or {}).get("output_dir", "outputs/pit")) / TIMES
     return run_stages(plan(recipe), times_path, only=only, dry_run=dry_run)
 

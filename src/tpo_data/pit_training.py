@@ -113,17 +113,24 @@ class RLStageArguments:
                                "Run round 1 first, then round 2 from its checkpoint (METHOD.md 2.4).")
 
 
-def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, Any]:
-    """Shared top-level keys this stage knows, overridden by the stage's own section."""
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a mapping, or an error that says what is wrong with it."""
     import yaml
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
-                           "Pass an existing YAML file to --config (see recipes/).") from None
+                           "Pass an existing YAML file to --config (see recipes/, e.g. "
+                           "recipes/pit-smollm2.yaml).") from None
     if not isinstance(data, dict):
         raise TPODataError(f"{path} is not a YAML mapping.", "Write the recipe as key: value lines.")
+    return data
+
+
+def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, Any]:
+    """Shared top-level keys this stage knows, overridden by the stage's own section."""
+    data = read_recipe(path)
     shared = {k: v for k, v in data.items() if k not in RECIPE_SECTIONS and k in known}
     own = data.get(section) or {}
     unknown = sorted(set(own) - known)
