@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8021)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats}): each vLLM measurement runs that often")
 
     from rich.console import Console
     from rich.table import Table
