@@ -73,3 +73,13 @@ def test_shown_response_and_output_stats():
     assert stats["parse_rate"] == pytest.approx(2 / 3)
     assert stats["mean_thought_chars"] == 3 and stats["mean_response_chars"] == 2
     assert stats["mean_shown_chars"] == pytest.approx((1 + 10 + 3) / 3)
+
+
+def test_position_note_only_for_a_clearly_biased_llm_judge():
+    from tpo_data.eval_report import position_note
+
+    note = position_note({"calls": 40, "unparsable": 4, "first_wins": 36})
+    assert "won 36 of 36 decided calls (100%)" in note and "--judge_model" in note
+    assert position_note({"calls": 40, "unparsable": 4, "first_wins": 20}) == ""
+    assert position_note({"calls": 40, "unparsable": 0, "first_wins": None}) == ""  # a reward model
+    assert position_note({"calls": 40, "unparsable": 0}) == ""  # a report from before the count

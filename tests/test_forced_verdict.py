@@ -99,6 +99,29 @@ def test_pairwise_judge_counts_forced_verdicts(transformers_judge, force):
             assert row["judge_forced"] == 0 and row["judge_unparsable"] == row["judge_calls"]
     forced_rows = [r for r in rows if r["judge_forced"]]
     assert all(isinstance(s, float) for r in forced_rows for s in r["scores"] if s is not None)
+    for row in rows:  # A won exactly the decided calls that did not go to B
+        decided = row["judge_calls"] - row["judge_unparsable"]
+        assert 0 <= row["judge_first_wins"] <= decided
+        if not force:
+            assert row["judge_first_wins"] == 0
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "tournament"])
+@pytest.mark.parametrize("letter", ["A", "B"])
+def test_pairwise_judge_counts_first_position_wins(mode, letter):
+    """A judge that always names one position: every decided call is a first-position win (A) or none (B)."""
+    llm = ScriptedContinuer(continuation=letter + "]]")
+    llm.load()
+    step = PairwiseJudge(name="judge", llm=llm, mode=mode)
+    step.load()
+    rows = next(step.process(_rows(4)))
+    for row in rows:
+        assert row["judge_unparsable"] == 0 and row["judge_forced"] == row["judge_calls"] > 0
+        assert row["judge_first_wins"] == (row["judge_calls"] if letter == "A" else 0)
+        scores = [s for s in row["scores"] if s is not None]
+        if mode == "round_robin":
+            # Both orders of every pair: the position bias cancels and nobody is ahead.
+            assert max(scores) - min(scores) < 1e-9
 
 
 class ScriptedContinuer(LLM):

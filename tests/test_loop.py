@@ -149,6 +149,7 @@ def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     from tiny_models import make_letter_judge
 
     from tpo_data.loop import eval_main
+    from tpo_data.scoring import position_biased
 
     judge = make_letter_judge(tmp_path / "judge")
     out = tmp_path / "eval"
@@ -166,6 +167,10 @@ def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     # the same model, so their calls repeat and are judged once.)
     assert report["judge"]["forced"] == 18 and report["judge"]["unparsable"] == 0
     assert judged and all(e["forced"] and e["r"] in (-1, 1) for e in judged)
+    first = report["judge"]["first_wins"]
+    assert 0 <= first <= 18 and (first == 18) == all(e["r"] == 1 for e in judged)
+    note = "Position-biased judge" in (out / "report.md").read_text()
+    assert note == position_biased(first, 18)
     assert report["models"][-1]["prompt"] == "direct" and report["models"][-1]["baseline"]
     for c in report["comparisons"]:
         assert c["overall"]["n"] == 3 and all(o in (0, 0.25, 0.5, 0.75, 1) for o in c["outcomes"])

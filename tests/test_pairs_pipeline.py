@@ -18,7 +18,7 @@ from pydantic import PrivateAttr
 from tpo_data.errors import TPODataError
 from tpo_data.iteration import main as tpo_main
 from tpo_data.judges import JudgeArguments, PairwiseJudge
-from tpo_data.pair_data import build_iteration_data
+from tpo_data.pair_data import build_iteration_data, format_stats
 from tpo_data.prompts import GENERIC_TEXT, PRESETS
 from tpo_data.store import LocalStore
 from tpo_data.verdicts import neutralize
@@ -153,6 +153,24 @@ def test_pair_data_drops_nan_and_rejects_parse_failures():
     assert data.candidates[1]["score"] is None  # NaN: no usable score
 
 
+@pytest.mark.parametrize("mode", ["tournament", "round_robin"])
+@pytest.mark.parametrize("first, warned", [(20, True), (11, False), (3, True)])
+def test_stats_report_the_judges_position_bias(mode, first, warned):
+    rows = [_row([0.1, 0.4, 0.2], [True, True, True], id_=str(i)) for i in range(2)]
+    for row, wins in zip(rows, (first // 2, first - first // 2)):
+        row.update(judge_calls=12, judge_unparsable=1, judge_first_wins=wins)
+    stats = build_iteration_data(rows, PRESETS["direct"], JudgeArguments(judge_mode=mode, rho="0"),
+                                 iteration=1).stats
+    assert stats["judge_first_wins"] == first and stats["judge_calls"] == 24
+    text = format_stats(stats)
+    assert f"Position: response A (shown first) won {first} of 22 decided calls ({first / 22:.0%})" in text
+    assert ("POSITION-BIASED" in text) == (warned and mode == "tournament")
+    assert ("position-biased judge. Round robin" in text) == (warned and mode == "round_robin")
+    # Reward models have no positions; statistics from before the count have no line.
+    assert "Position" not in format_stats({**stats, "judge": "reward_model", "judge_mode": None})
+    assert "Position" not in format_stats({k: v for k, v in stats.items() if k != "judge_first_wins"})
+
+
 def test_pair_data_refuses_unjudged_rows():
     row = _row([0.1, 0.2], [True, True])
     row["scores"] = None
@@ -191,6 +209,10 @@ def test_pairwise_pipeline_round_robin_counts(tiny_lm, tmp_path, capsys):
     calls = sum(r["judge_calls"] for r in rows)
     assert calls > 0
     assert f"Judge: pairwise (round_robin), {calls} calls" in printed
+    first, decided = sum(r["judge_first_wins"] for r in rows), calls - sum(r["judge_unparsable"] for r in rows)
+    assert stats["judge_first_wins"] == first
+    if decided:
+        assert f"Position: response A (shown first) won {first} of {decided} decided calls" in printed
 
 
 def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):

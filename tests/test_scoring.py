@@ -18,7 +18,9 @@ from tpo_data.scoring import (
     bradley_terry,
     check_finite,
     elo,
+    first_position_p_value,
     length_controlled,
+    position_biased,
     win_matrix,
 )
 
@@ -309,3 +311,38 @@ def test_auto_rho_is_the_first_grid_value_that_satisfies(groups):
     assert holds(result.rho) == result.satisfied
     if not result.satisfied:
         assert result.rho == DEFAULT_RHO_GRID.max()
+
+
+# --- position bias --------------------------------------------------------------
+
+
+@FAST
+@given(st.integers(0, 60).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_first_position_p_value_is_the_exact_two_sided_binomial(case):
+    first, n = case
+    # Independent reference: every outcome at most as likely as the observed one (P = 1/2).
+    probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    expected = min(1.0, sum(p for p in probs if p <= probs[first] * (1 + 1e-9)))
+    assert first_position_p_value(first, n) == pytest.approx(expected, rel=1e-9)
+    assert first_position_p_value(first, n) == pytest.approx(first_position_p_value(n - first, n))
+
+
+def test_first_position_p_value_known_values_and_large_counts():
+    assert first_position_p_value(24, 24) == pytest.approx(2 / 2**24)
+    assert first_position_p_value(8, 10) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert first_position_p_value(0, 0) == 1.0
+    # 5,000 calls: no underflow; 2,600 A wins is 2.83 standard deviations from half.
+    assert first_position_p_value(2600, 5000) == pytest.approx(0.0047, abs=3e-4)
+    with pytest.raises(TPODataError, match="between 0 and decided"):
+        first_position_p_value(5, 4)
+
+
+@pytest.mark.parametrize("first, decided, biased", [
+    (24, 24, True), (0, 24, True), (13, 24, False),
+    (8, 10, False),       # 80%, but 10 calls could do that by chance (p = 0.11)
+    (700, 1000, True), (300, 1000, True),
+    (560, 1000, False),   # clearly not 50% (p < 0.001), but too weak to decide close calls
+    (0, 0, False),
+])
+def test_position_biased(first, decided, biased):
+    assert position_biased(first, decided) is biased

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tpo_data.scoring import position_biased
+
 PLOTS = ("win_rate.png", "lengths.png", "categories.png")
 
 
@@ -60,8 +62,21 @@ def markdown(report: dict[str, Any]) -> str:
     if judge.get("calls"):
         lines += ["", f"Judge calls: {judge['calls']}, unparsable {judge['unparsable']}, "
                   f"verdicts forced {judge.get('forced', 0)}."]
+        if note := position_note(judge):
+            lines += ["", note]
     lines += ["", "Plots: " + ", ".join(f"![{p}]({p})" for p in PLOTS), ""]
     return "\n".join(lines)
+
+
+def position_note(judge: dict[str, Any]) -> str:
+    """A warning when the pair-wise judge mostly named the position, not the better response."""
+    first, decided = judge.get("first_wins"), judge.get("calls", 0) - judge.get("unparsable", 0)
+    if first is None or not position_biased(first, decided):
+        return ""  # a reward model, a report written before the count existed, or no clear bias
+    return (f"Position-biased judge: response A (shown first) won {first} of {decided} decided calls "
+            f"({first / decided:.0%}). Both orders are judged, so the bias cancels, but a verdict that "
+            "flips with the order is a tie (1/2), which pulls the win rates above toward 50%; judge "
+            "with a stronger model (--judge_model).")
 
 
 def _figure(width: float = 6.5, height: float = 3.6) -> Any:

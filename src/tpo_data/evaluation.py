@@ -33,7 +33,7 @@ from typing import Any
 from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
 from tpo_data.errors import TPODataError
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
-from tpo_data.eval_report import write_report
+from tpo_data.eval_report import position_note, write_report
 from tpo_data.instructions import InstructionArguments, load_instructions, select_holdout_rows
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
 from tpo_data.models import resolve_model
@@ -310,7 +310,9 @@ def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[s
                      "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed},
         "judge": {"label": label, "settings": asdict(judge), "calls": len(verdicts),
                   "unparsable": sum(v["r"] == 0 for v in verdicts),
-                  "forced": sum(bool(v.get("forced")) for v in verdicts)},
+                  "forced": sum(bool(v.get("forced")) for v in verdicts),
+                  # Positions only mean something to an LLM judge (a reward model is symmetric).
+                  "first_wins": sum(v["r"] == 1 for v in verdicts) if server is not None else None},
         "models": [{"name": m.name, "path": m.path, "prompt": m.prompt, "baseline": m.baseline,
                     "stats": output_stats(answers[m.name])} for m in models],
         "comparisons": comparisons,
@@ -329,5 +331,7 @@ def format_summary(report: dict[str, Any]) -> str:
         w = c["overall"]
         lines.append(f"Win rate {c['model']} vs {c['reference']}: {w['win_rate']:.1%} "
                      f"(± {w['ci95']:.1%}, n={w['n']})")
+    if note := position_note(report["judge"]):
+        lines.append(note)
     lines.append(f"Report: {Path(report['report_dir']) / 'report.md'} (plots beside it)")
     return "\n".join(lines)

@@ -18,8 +18,10 @@ the answers they lead to.
 
 Both output ``scores`` (one per sample, None for parse failures, NaN where
 the judge gave nothing usable), ``judge_calls``, ``judge_unparsable``
-(unusable verdicts, or NaN rewards) and ``judge_forced`` (verdicts that came
-from the forced continuation, below; always 0 for reward models). NaN scores
+(unusable verdicts, or NaN rewards), ``judge_forced`` (verdicts that came
+from the forced continuation, below) and ``judge_first_wins`` (decided calls
+won by the response shown first, the judge's position bias: about half for a
+fair judge); both are always 0 for reward models. NaN scores
 make ``pairs.select_pair`` drop the instruction (``non_finite_score``).
 
 Forced verdicts. A weak judge (the embedded SmolLM2-135M) reasons but almost
@@ -72,7 +74,7 @@ JUDGES = ("pairwise", "reward_model", "none")
 JUDGE_MODES = ("round_robin", "tournament")
 # --judge_model value that means "the model being trained" (self-judging).
 POLICY = "policy"
-JUDGE_COLUMNS = ("scores", "judge_calls", "judge_unparsable", "judge_forced")
+JUDGE_COLUMNS = ("scores", "judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
 # What a forced verdict continues the judge's own text with, and how far.
 FORCE_PREFIX = "\n\nFinal verdict: [["
 FORCE_MAX_NEW_TOKENS = 3
@@ -370,7 +372,8 @@ class PairwiseJudge(JudgeColumns, Task):
     None for parse failures, NaN when no verdict of the row decided anything;
     a lone parsed sample scores 0 without a call),
     ``judge_calls``, ``judge_unparsable`` (ties or no verdict, even after forcing)
-    and ``judge_forced`` (calls decided by a forced verdict; see :func:`judge_calls`).
+    ``judge_forced`` (calls decided by a forced verdict; see :func:`judge_calls`)
+    and ``judge_first_wins`` (decided calls won by the response shown as A).
     """
 
     mode: str = "round_robin"
@@ -413,7 +416,7 @@ class _RowJudging:
         n = len(self.valid)
         self.schedule = None if n < 2 else _RoundRobin(n) if mode == "round_robin" else Tournament(n)
         self._results: list[tuple[int, int, int]] = []
-        row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
+        row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = row["judge_first_wins"] = 0
 
     def next_calls(self) -> list[tuple[int, int]]:
         return self.schedule.next_calls() if self.schedule else []
@@ -422,6 +425,7 @@ class _RowJudging:
         self.row["judge_calls"] += 1
         self.row["judge_unparsable"] += verdict.r == 0
         self.row["judge_forced"] += verdict.forced
+        self.row["judge_first_wins"] += verdict.r == 1
         self._results.append((a, b, verdict.r))
 
     def end_round(self) -> None:

@@ -27,7 +27,7 @@ from tpo_data.errors import TPODataError
 from tpo_data.judges import JudgeArguments
 from tpo_data.pairs import select_pairs, summarize
 from tpo_data.prompts import ThoughtPrompt
-from tpo_data.scoring import auto_rho, check_finite, length_controlled
+from tpo_data.scoring import auto_rho, check_finite, length_controlled, position_biased
 
 if TYPE_CHECKING:
     import datasets
@@ -136,6 +136,7 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
         "judge_calls": sum(r.get("judge_calls") or 0 for r in rows),
         "judge_unparsable": sum(r.get("judge_unparsable") or 0 for r in rows),
         "judge_forced": sum(r.get("judge_forced") or 0 for r in rows),
+        "judge_first_wins": sum(r.get("judge_first_wins") or 0 for r in rows),
     })
     return IterationData(pairs, candidates, stats)
 
@@ -185,10 +186,28 @@ def format_stats(stats: dict[str, Any]) -> str:
     forced = f", {stats['judge_forced']} forced verdicts" if "judge_forced" in stats else ""
     return (
         f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable"
-        f"{forced}\n"
+        f"{forced}\n{_position_line(stats)}"
         f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
         f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"
         f"Rejected parse failures: {stats['rejected_parse_failures']}; rho: {rho})\n"
         f"Mean response length: chosen {stats['mean_chosen_length']:.1f}, "
         f"rejected {stats['mean_rejected_length']:.1f} characters"
     )
+
+
+def _position_line(stats: dict[str, Any]) -> str:
+    """How often the response shown first won, and what a position-biased judge means for the pairs."""
+    if stats["judge"] != "pairwise" or "judge_first_wins" not in stats:
+        return ""  # reward models have no positions; older statistics have no count
+    first, decided = stats["judge_first_wins"], stats["judge_calls"] - stats["judge_unparsable"]
+    if not decided:
+        return ""
+    line = f"Position: response A (shown first) won {first} of {decided} decided calls ({first / decided:.0%})"
+    if not position_biased(first, decided):
+        return line + "\n"
+    if stats["judge_mode"] == "tournament":
+        return line + (": POSITION-BIASED judge. Tournament matches judged in one order are decided "
+                       "by position, not quality; use --judge_mode round_robin (both orders cancel "
+                       "the bias) or a stronger judge.\n")
+    return line + (": position-biased judge. Round robin judges both orders, so the bias cancels, but "
+                   "samples are told apart only where the verdict survives the swap.\n")

@@ -421,7 +421,7 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
     Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
     ``scores`` (reward per parsed sample, None for parse failures, NaN where
     the model output was not finite), ``judge_calls`` (responses scored),
-    ``judge_unparsable`` (NaN rewards) and ``judge_forced`` (always 0).
+    ``judge_unparsable`` (NaN rewards), ``judge_forced`` and ``judge_first_wins`` (always 0).
     """
 
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
@@ -431,7 +431,7 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
                                      [row["responses"][i] for row, i in flat])
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
-            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = 0
+            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = row["judge_first_wins"] = 0
         for (row, i), reward in zip(flat, rewards):
             row["scores"][i] = reward
             row["judge_calls"] += 1

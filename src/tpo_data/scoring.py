@@ -6,7 +6,8 @@ B_mn = [r^mn = +1] + [r^nm = -1] (METHOD.md 1.4) and :func:`bradley_terry`
 fits strengths by maximum likelihood. :func:`length_controlled` applies the
 paper's length control s = z(score) - rho * z(length) (METHOD.md 1.5), and
 :func:`auto_rho` picks the smallest rho for which chosen responses are on
-average not longer than rejected ones.
+average not longer than rejected ones. :func:`position_biased` tells whether
+a pair-wise judge's verdicts depend on which response it is shown first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ DEFAULT_RHO_GRID = np.round(np.arange(0.0, RHO_MAX + 1e-9, 0.025), 3)
 # Relative spread below which a quantity counts as constant: z-scores of
 # float noise (e.g. the mean of equal values off by one ulp) would be +-1.
 _ZERO_STD_RTOL = 1e-12
+
+# A judge counts as position-biased when the response shown first wins at least
+# this share of its decided calls (or at most 1 - it), more often than a judge
+# without bias would by chance (two-sided binomial p < POSITION_BIAS_P): then a
+# single-order verdict between close responses mostly reports the position.
+POSITION_BIAS_MIN_SHARE = 0.7
+POSITION_BIAS_P = 0.01
 
 # One group per instruction: (judge scores, response lengths, valid mask).
 Group = tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray, Sequence[bool] | np.ndarray]
@@ -114,6 +122,30 @@ def bradley_terry(wins: np.ndarray, l2: float = 1e-3, max_iter: int = 100, tol: 
 def elo(strengths: np.ndarray) -> np.ndarray:
     """Bradley-Terry log-strengths on the familiar ELO scale (400 points = 10x odds, mean 1000)."""
     return 400.0 / math.log(10.0) * np.asarray(strengths, dtype=float) + 1000.0
+
+
+def first_position_p_value(first_wins: int, decided: int) -> float:
+    """Two-sided exact binomial p-value of ``first_wins`` out of ``decided`` when either position wins half."""
+    if not 0 <= first_wins <= decided:
+        raise TPODataError(
+            f"first_wins={first_wins} is not between 0 and decided={decided}.",
+            "Count first-position wins among the decided (non-tie) calls only.",
+        )
+    tail = min(first_wins, decided - first_wins)
+    # Log space: 0.5 ** decided underflows beyond ~1000 calls.
+    logs = [math.lgamma(decided + 1) - math.lgamma(i + 1) - math.lgamma(decided - i + 1) - decided * math.log(2)
+            for i in range(tail + 1)]
+    top = max(logs)
+    return min(1.0, 2.0 * math.exp(top) * math.fsum(math.exp(x - top) for x in logs))
+
+
+def position_biased(first_wins: int, decided: int) -> bool:
+    """Whether a judge whose first-shown response won ``first_wins`` of ``decided`` calls is position-biased."""
+    if decided == 0:
+        return False
+    share = first_wins / decided
+    return (max(share, 1.0 - share) >= POSITION_BIAS_MIN_SHARE
+            and first_position_p_value(first_wins, decided) < POSITION_BIAS_P)
 
 
 def check_finite(scores: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ class ThoughtGeneration(Task):
 
 # The columns a finished row keeps in checkpoints and the iteration ledger.
 KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
-        "model_name", "scores", "judge_calls", "judge_unparsable", "judge_forced")
+        "model_name", "scores", "judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
 
 
 def is_finished(row: dict, judged: bool) -> bool:
