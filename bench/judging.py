@@ -28,6 +28,14 @@ sweep over sigma shows how agreement grows with judge accuracy, where judge
 accuracy = P(a call names the truly better candidate), ties counting as
 misses.
 
+The ceiling (greedy judge): for the first --oracle-n instructions, an oracle
+that knows the true strengths draws the round robin's unseen verdicts from
+them --oracle-samples times and names the most frequent round-robin pair.
+Given the tournament's own verdicts, that bounds (up to sampling error) what
+any decision rule on those verdicts can reach; given 14 calls it chooses
+itself next to the true best and worst, it shows what a better schedule could
+buy with perfect knowledge of the strengths.
+
 Defaults are meant to resemble an LLM judge comparing samples of one policy:
 accuracy about 0.78, A preferred 62% of the time between equal answers
 (position bias 0.5 logits), 5% ties or unparsable verdicts.
@@ -122,8 +130,47 @@ def _gap_share(strengths: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) 
     return float(np.mean((strengths[rows, chosen] - strengths[rows, rejected]) / spread))
 
 
+def _oracle_calls(strengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """``budget`` calls where an oracle that knows the strengths expects round robin's best and worst decided.
+
+    Pairs within the top half and within the bottom half come first, the most
+    extreme candidates first (the true best against its nearest rivals, the
+    true worst likewise), then the closest in rank; both orders each. A
+    heuristic: it shows what knowing the strengths buys, not the best schedule.
+    """
+    k = len(strengths)
+    rank = np.argsort(-strengths)  # rank[r] = candidate with the r-th largest strength
+    half = k // 2
+    pairs = [(r, r + d) for d in range(1, k) for r in range(k - d)]
+    pairs.sort(key=lambda p: (not (p[1] < half or p[0] >= k - half), min(p[0], k - 1 - p[1]), p[1] - p[0]))
+    calls = [(int(rank[x]), int(rank[y])) for a, b in pairs for x, y in ((a, b), (b, a))]
+    return calls[:budget]
+
+
+def _oracle_pick(
+    rng: np.random.Generator, strengths: np.ndarray, known: dict[tuple[int, int], int],
+    position_bias: float, tie_prob: float, samples: int,
+) -> tuple[int, int]:
+    """Round robin's most likely (best, worst) given the true strengths and some of its verdicts.
+
+    The verdicts not in ``known`` are drawn ``samples`` times from the judge
+    model; the most frequent round-robin pair wins. Up to sampling error, no
+    decision rule that sees only ``known`` agrees with the round robin more
+    often: this one also knows the strengths.
+    """
+    sims = _verdicts(rng, np.repeat(strengths[None], samples, axis=0), position_bias, tie_prob)
+    for (a, b), r in known.items():
+        sims[:, a, b] = r
+    counts: dict[tuple[int, int], int] = {}
+    for x in sims:
+        pick = _round_robin(x)
+        counts[pick] = counts.get(pick, 0) + 1
+    return max(counts, key=lambda p: counts[p])
+
+
 def _simulate(
-    n: int, k: int, sigma: float, position_bias: float, tie_prob: float, resample: bool, seed: int
+    n: int, k: int, sigma: float, position_bias: float, tie_prob: float, resample: bool, seed: int,
+    oracle_n: int = 0, oracle_samples: int = 0,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     strengths = rng.normal(0.0, sigma, size=(n, k))
@@ -160,7 +207,24 @@ def _simulate(
 
     rr_calls = np.full(n, k * (k - 1))
     tour_calls = np.array([t.calls_used for t in tours])
+    oracle = None
+    if oracle_n and not resample:  # a sampling judge's tournament verdicts say nothing about RR's own
+        m = min(oracle_n, n)
+        budget = tournament_calls(k)
+        own = [_oracle_pick(rng, strengths[i], {(a, b): int(v_rr[i, a, b]) for a, b, _ in tours[i].judgments},
+                            position_bias, tie_prob, oracle_samples) for i in range(m)]
+        chosen = [_oracle_pick(rng, strengths[i], {c: int(v_rr[i][c]) for c in _oracle_calls(strengths[i], budget)},
+                               position_bias, tie_prob, oracle_samples) for i in range(m)]
+        oracle = {
+            "instructions": m,
+            "samples": oracle_samples,
+            "calls": budget,
+            "tournament_agree_rr_pair": float(np.mean(np.all(bracket[:m] == rr[:m], axis=1))),
+            "tournament_verdicts_agree_rr_pair": float(np.mean(np.all(np.array(own) == rr[:m], axis=1))),
+            "oracle_calls_agree_rr_pair": float(np.mean(np.all(np.array(chosen) == rr[:m], axis=1))),
+        }
     return {
+        "oracle": oracle,
         "judge_accuracy": accuracy,
         "a_win_rate": float(np.mean(verdicts[decisive] == 1)),
         "tie_rate": float(np.mean(~decisive)),
@@ -185,12 +249,15 @@ def tournament_report(args: argparse.Namespace) -> dict[str, Any]:
         "judge": "sampling (--resample)" if args.resample else "greedy (fixed verdict per ordered pair)",
         "seed": args.seed,
     }
-    main_run = _simulate(args.n, args.k, args.sigma, args.position_bias, args.tie_prob, args.resample, args.seed)
+    main_run = _simulate(args.n, args.k, args.sigma, args.position_bias, args.tie_prob, args.resample, args.seed,
+                         args.oracle_n, args.oracle_samples)
     sweep = []
     for sigma in args.sweep:
-        sim = _simulate(args.sweep_n, args.k, sigma, args.position_bias, args.tie_prob, args.resample, args.seed + 1)
+        sim = _simulate(args.sweep_n, args.k, sigma, args.position_bias, args.tie_prob, args.resample, args.seed + 1,
+                        args.oracle_n, args.oracle_samples)
         sweep.append(
             {
+                "oracle_calls_agree_rr_pair": sim["oracle"]["oracle_calls_agree_rr_pair"] if sim["oracle"] else None,
                 "sigma": sigma,
                 "judge_accuracy": sim["judge_accuracy"],
                 "rr_agree_true_pair": sim["rows"]["round robin"]["agree_true_pair"],
@@ -248,6 +315,15 @@ def print_tournament(report: dict[str, Any]) -> None:
         "tournament+BT: argmax/argmin of a Bradley-Terry fit on the tournament's judgments. "
         "gap share: mean (s_chosen - s_rejected) / (s_max - s_min) in true strengths."
     )
+    if oracle := report.get("oracle"):
+        console.print(
+            f"Ceiling, first {oracle['instructions']} instructions: an oracle that knows the true strengths "
+            f"and completes the round robin's missing verdicts from them ({oracle['samples']} draws) names the "
+            f"round robin's most likely pair. With the tournament's own verdicts it agrees "
+            f"{oracle['tournament_verdicts_agree_rr_pair']:.1%}, with {oracle['calls']} calls of its choosing "
+            f"next to the true best and worst {oracle['oracle_calls_agree_rr_pair']:.1%}; the tournament on "
+            f"the same instructions {oracle['tournament_agree_rr_pair']:.1%}."
+        )
     bar = report["bar"]
     verdict = "[green]met[/]" if bar["met"] else "[red]not met[/]"
     console.print(
@@ -256,9 +332,11 @@ def print_tournament(report: dict[str, Any]) -> None:
     )
     if report["sweep"]:
         sweep = Table(title="agreement vs judge accuracy (sweep over sigma)")
-        for col in ("sigma", "judge acc", "RR=true pair", "RR=RR rerun", "tournament=RR", "tournament+BT=RR"):
+        for col in ("sigma", "judge acc", "RR=true pair", "RR=RR rerun", "tournament=RR", "tournament+BT=RR",
+                    "oracle calls=RR"):
             sweep.add_column(col, justify="right")
         for s in report["sweep"]:
+            oracle = s["oracle_calls_agree_rr_pair"]
             sweep.add_row(
                 f"{s['sigma']:g}",
                 f"{s['judge_accuracy']:.3f}",
@@ -266,12 +344,14 @@ def print_tournament(report: dict[str, Any]) -> None:
                 f"{s['rr_rerun_agree_pair']:.1%}",
                 f"{s['tournament_agree_rr_pair']:.1%}",
                 f"{s['tournament_bt_agree_rr_pair']:.1%}",
+                "-" if oracle is None else f"{oracle:.1%}",
             )
         console.print(sweep)
         met = [s for s in report["sweep"] if s["tournament_agree_rr_pair"] >= bar["target_agreement"]]
         console.print(
             "RR=true pair is the agreement with the round robin of any method that finds the true best "
-            "and worst; beyond it a method must repeat the round robin's own mistakes. "
+            "and worst; beyond it a method must repeat the round robin's own mistakes. oracle calls=RR: "
+            "the oracle above with its own calls (first --oracle-n instructions of each point). "
             + (f"The bar holds from judge accuracy {met[0]['judge_accuracy']:.3f} (sigma {met[0]['sigma']:g})."
                if met else "The bar holds nowhere in this sweep.")
         )
@@ -431,6 +511,15 @@ def print_rm_throughput(report: dict[str, Any]) -> None:
         f"{report['speedup_vs_ids_only']}x vs ids only; padding alone explains {report['padding_ratio']}x; "
         f"max |score difference| {report['max_abs_score_diff']:.2e}."
     )
+    if oracle := report.get("oracle"):
+        console.print(
+            f"Ceiling, first {oracle['instructions']} instructions: an oracle that knows the true strengths "
+            f"and completes the round robin's missing verdicts from them ({oracle['samples']} draws) names the "
+            f"round robin's most likely pair. With the tournament's own verdicts it agrees "
+            f"{oracle['tournament_verdicts_agree_rr_pair']:.1%}, with {oracle['calls']} calls of its choosing "
+            f"next to the true best and worst {oracle['oracle_calls_agree_rr_pair']:.1%}; the tournament on "
+            f"the same instructions {oracle['tournament_agree_rr_pair']:.1%}."
+        )
     bar = report["bar"]
     verdict = "[green]met[/]" if bar["met"] else "[red]not met[/]"
     console.print(
@@ -490,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated sigmas for the sweep table ('' to skip)",
     )
     tour.add_argument("--sweep-n", type=int, default=500, help="instructions per sweep point (default 500)")
+    tour.add_argument(
+        "--oracle-n", type=int, default=200,
+        help="instructions for the oracle ceiling, greedy judge only (default 200; 0 skips it)",
+    )
+    tour.add_argument(
+        "--oracle-samples", type=int, default=64,
+        help="draws of the unseen verdicts per instruction for the oracle (default 64)",
+    )
 
     rm = parser.add_argument_group("RM scoring throughput (ours vs distilabel RewardModelScore)")
     rm.add_argument("--rm-pairs", type=int, default=128, help="(instruction, response) pairs (default 128)")

@@ -32,6 +32,11 @@ stays the best and its last opponent in the min bracket becomes the worst.
 With a judge that always prefers the truly better answer, the best wins every
 match and the worst loses every match, so both are always found.
 
+A judge with a strong position bias (one that names "A" whatever it is
+shown) decides the single-call matches by position instead: use the round
+robin with such a judge. The judging statistics measure the bias
+(``judge_first_wins``) and flag it.
+
 Batching: :meth:`Tournament.next_calls` lists every call one instruction can
 make now; callers gather them over many instructions, send one batch to the
 judge, and :meth:`Tournament.record` the results. A round is resolved once
