@@ -371,7 +371,7 @@ class PairwiseJudge(JudgeColumns, Task):
     Output columns: ``scores`` (Bradley-Terry log-strengths of the parsed samples,
     None for parse failures, NaN when no verdict of the row decided anything;
     a lone parsed sample scores 0 without a call),
-    ``judge_calls``, ``judge_unparsable`` (ties or no verdict, even after forcing)
+    ``judge_calls``, ``judge_unparsable`` (ties or no verdict, even after forcing),
     ``judge_forced`` (calls decided by a forced verdict; see :func:`judge_calls`)
     and ``judge_first_wins`` (decided calls won by the response shown as A).
     """
