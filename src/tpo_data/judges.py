@@ -74,7 +74,9 @@ JUDGES = ("pairwise", "reward_model", "none")
 JUDGE_MODES = ("round_robin", "tournament")
 # --judge_model value that means "the model being trained" (self-judging).
 POLICY = "policy"
-JUDGE_COLUMNS = ("scores", "judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
+# Per-row counts every judge step writes (zeroed first; summed in the run statistics).
+JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
+JUDGE_COLUMNS = ("scores", *JUDGE_COUNTERS)
 # What a forced verdict continues the judge's own text with, and how far.
 FORCE_PREFIX = "\n\nFinal verdict: [["
 FORCE_MAX_NEW_TOKENS = 3
@@ -416,7 +418,7 @@ class _RowJudging:
         n = len(self.valid)
         self.schedule = None if n < 2 else _RoundRobin(n) if mode == "round_robin" else Tournament(n)
         self._results: list[tuple[int, int, int]] = []
-        row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = row["judge_first_wins"] = 0
+        row.update(dict.fromkeys(JUDGE_COUNTERS, 0))
 
     def next_calls(self) -> list[tuple[int, int]]:
         return self.schedule.next_calls() if self.schedule else []

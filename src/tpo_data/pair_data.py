@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.judges import JudgeArguments
+from tpo_data.judges import JUDGE_COUNTERS, JudgeArguments
 from tpo_data.pairs import select_pairs, summarize
 from tpo_data.prompts import ThoughtPrompt
 from tpo_data.scoring import auto_rho, check_finite, length_controlled, position_biased
@@ -133,10 +133,8 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
         "rho_auto_satisfied": auto.satisfied if auto else None,
         "judge": judge.judge,
         "judge_mode": judge.judge_mode if judge.judge == "pairwise" else None,
-        "judge_calls": sum(r.get("judge_calls") or 0 for r in rows),
-        "judge_unparsable": sum(r.get("judge_unparsable") or 0 for r in rows),
-        "judge_forced": sum(r.get("judge_forced") or 0 for r in rows),
-        "judge_first_wins": sum(r.get("judge_first_wins") or 0 for r in rows),
+        # Rows judged before a counter existed lack it: they count 0.
+        **{counter: sum(r.get(counter) or 0 for r in rows) for counter in JUDGE_COUNTERS},
     })
     return IterationData(pairs, candidates, stats)
 

@@ -37,7 +37,7 @@ from tpo_data.armorm import (
     load_config_dict,
 )
 from tpo_data.errors import TPODataError
-from tpo_data.judges import JudgeColumns
+from tpo_data.judges import JUDGE_COUNTERS, JudgeColumns
 
 if TYPE_CHECKING:
     from distilabel.typing import StepColumns, StepOutput
@@ -431,7 +431,7 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
                                      [row["responses"][i] for row, i in flat])
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
-            row["judge_calls"] = row["judge_unparsable"] = row["judge_forced"] = row["judge_first_wins"] = 0
+            row.update(dict.fromkeys(JUDGE_COUNTERS, 0))
         for (row, i), reward in zip(flat, rewards):
             row["scores"][i] = reward
             row["judge_calls"] += 1
