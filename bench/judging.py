@@ -595,7 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.oracle_n < 0:
+        parser.error(f"--oracle-n must be 0 (no oracle ceiling) or more (got {args.oracle_n})")
+    if args.oracle_n and args.oracle_samples < 1:
+        parser.error(f"--oracle-samples must be at least 1 when --oracle-n > 0 (got {args.oracle_samples}): "
+                     "the oracle draws the unseen verdicts that often")
     reports = {}
     for name in args.section or list(SECTIONS):
         run, show = SECTIONS[name]
