@@ -9,6 +9,10 @@ from a scripted judge LLM (unit level) or a tiny reward model (end to end).
 import json
 import math
 import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from distilabel.models.llms.base import LLM
@@ -286,3 +290,49 @@ def test_rho_argument(rho, expected):
             JudgeArguments(rho=rho)
     else:
         assert JudgeArguments(rho=rho).rho_value() == expected
+
+
+def _ray_daemons() -> list[str]:
+    import psutil
+
+    return [p.info["name"] for p in psutil.process_iter(["name"])
+            if p.info["name"] and ("raylet" in p.info["name"] or "gcs_server" in p.info["name"])]
+
+
+def test_use_ray_matches_local_pipeline(tiny_lm, tmp_path, monkeypatch):
+    """--use_ray runs the same distilabel pipeline through pipeline.ray() on a local Ray cluster:
+    the same samples, reward scores and pairs as the local pipeline, and no Ray daemons left behind."""
+    from tiny_models import make_tiny_seqcls
+
+    rm = make_tiny_seqcls(tmp_path / "rm")
+    # Ray's sessions go here, which shows it ran; a short path keeps its sockets under 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    extra = ("--judge", "reward_model", "--judge_model", str(rm), "--num_samples", "3")
+    assert not _ray_daemons()
+    runs = {}
+    for name, flags in (("local", ()), ("ray", ("--use_ray",))):
+        out = tmp_path / name
+        tpo_main(_args(tiny_lm, out, *extra, *flags))
+        runs[name] = out
+        assert any((ray_tmp / "ray").glob("session_2*")) == bool(flags)
+    assert not _ray_daemons()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    local, ray = runs["local"], runs["ray"]
+    generations = (ray / "iter-1" / "generations.jsonl").read_text()
+    assert generations == (local / "iter-1" / "generations.jsonl").read_text()
+    assert len(generations.splitlines()) == 4
+    pairs = {name: LocalStore(out / "store").load("iter-1", "pairs").to_list() for name, out in runs.items()}
+    assert pairs["ray"] == pairs["local"] and len(pairs["ray"]) >= 1
+    stats = {name: json.loads((out / "iter-1" / "pairs_stats.json").read_text()) for name, out in runs.items()}
+    for s in stats.values():
+        s.pop("store")
+    assert stats["ray"] == stats["local"]
+
+
+def test_use_ray_without_ray_installed_names_the_fix(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    out = tmp_path / "run"
+    with pytest.raises(TPODataError, match=r"(?s)Ray is not installed.*pip install 'tpo-data\[ray\]'"):
+        tpo_main(_args(tiny_lm, out, "--use_ray"))
+    assert not (out / "iter-1" / "generations.jsonl").exists()

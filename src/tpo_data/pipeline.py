@@ -52,7 +52,12 @@ class RunArguments:
         metadata={"help": "distilabel cache (default: <output_dir>/.distilabel-cache); use shared "
                   "storage on a Ray cluster."},
     )
-    use_ray: bool = field(default=False, metadata={"help": "Run the pipeline with pipeline.ray()."})
+    use_ray: bool = field(
+        default=False,
+        metadata={"help": "Run the pipeline with distilabel's pipeline.ray(): on the cluster named by "
+                  "RAY_ADDRESS (e.g. under `ray job submit`), else on a local Ray cluster. Needs "
+                  "`pip install 'tpo-data[ray]'`."},
+    )
     store: str | None = field(
         default=None,
         metadata={"help": "Local dataset store the iteration is written to as version iter-N "
@@ -170,6 +175,17 @@ def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
     pipeline.run(use_cache=True)
 
 
+def require_ray() -> None:
+    """Fail before any server starts: without Ray the pipeline's child process would die on import."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise TPODataError(
+            "--use_ray is set but Ray is not installed in this environment.",
+            "Install it with `pip install 'tpo-data[ray]'` (distilabel's Ray extra), or drop --use_ray.",
+        ) from None
+
+
 def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> int:
     """Run a distilabel pipeline from a newly spawned interpreter.
 
@@ -270,6 +286,8 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
     cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
     if pending:
+        if run.use_ray:
+            require_ray()
         log.info("Generating %d samples for each of %d instructions (%d already done)",
                  sampling.num_samples, len(pending), len(rows) - len(pending))
         with ExitStack() as stack:
