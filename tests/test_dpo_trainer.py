@@ -89,6 +89,32 @@ def test_trains_from_store_version_with_irpo(store: LocalStore, tiny_lm: Path, t
     assert_weights_changed(tiny_lm, out)
 
 
+def test_two_processes_share_the_data_and_save_once(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
+    """Under a distributed launcher (torchrun here, on CPU with gloo; `accelerate launch` starts the
+    same kind of processes on GPUs) both ranks train on their shard, one process writes the outputs,
+    and the best checkpoint on held-out pairs is the one recorded."""
+    out = tmp_path / "model"
+    result = run_script(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+        *train_args(store, out, "--eval_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "1",
+                    "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end", "true"),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    card, lineage, losses = read_outputs(out)
+    assert result.stdout.count("model saved to") == 1
+    assert lineage["training"]["world_size"] == 2 and lineage["training"]["effective_batch_size"] == 4
+    state = json.loads((out / "trainer_state.json").read_text())
+    # Each rank sees ceil(rows / 2) pairs in batches of 2; one process alone would need twice the steps.
+    rows = lineage["train_rows"]
+    assert rows >= 3 and rows + lineage["eval"]["rows"] == store.load("iter-1", "pairs").num_rows
+    assert state["global_step"] == 2 and state["epoch"] == pytest.approx(2 / math.ceil(math.ceil(rows / 2) / 2))
+    best = Path(state["best_model_checkpoint"])
+    assert lineage["best_checkpoint"] == best.name and (out / best.name / "model.safetensors").is_file()
+    assert math.isfinite(lineage["metrics"]["eval_loss"]) and "world_size | 2" in card
+    assert_weights_changed(tiny_lm, out)
+
+
 def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
     repo = "stand-in-user/tpo-train"
     with HubStandin(tmp_path / "hub") as hub:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -299,6 +300,26 @@ def test_reward_step_trains_the_gap_loss(pit_run):
     assert trainer_loss.item() == pytest.approx(expected.item(), rel=1e-4)
     # An unchanged answer is exactly "no better", whatever level R(x, y, y) has.
     assert rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])[0] == pytest.approx(0, abs=1e-5)
+
+
+def test_reward_step_under_two_processes(pit_run, tmp_path):
+    """The gap reward trainer (our loss inside TRL's Trainer) under a distributed launcher: each of two
+    ranks takes 2 rows per step, so two steps cover twice what one process alone would."""
+    from tpo_data.pit_training import GAP_MARKER, GapRewardModel
+    from tpo_data.store import LocalStore
+
+    out = tmp_path / "reward"
+    done = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainers/pit.py",
+                      "reward", "--config", RECIPE, "--store", str(pit_run["store"]), "--model", str(pit_run["lm"]),
+                      "--output_dir", str(out), "--max_steps", "2", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = [float(e) for e in re.findall(r"'epoch': '([0-9.]+)'", done.stdout)]
+    rows = LocalStore(pit_run["store"]).load("pit-sft-1", "train").num_rows
+    assert epochs[-1] == pytest.approx(2 * 2 * 2 / rows)  # steps x ranks x batch; one process: half
+    assert json.loads((out / GAP_MARKER).read_text())["kind"] == "pit-gap-reward"
+    rm = GapRewardModel(out)
+    gaps = rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])
+    assert gaps[0] == pytest.approx(0, abs=1e-5) and math.isfinite(gaps[1])
 
 
 def test_rl_step_both_rounds(pit_run, tmp_path):

@@ -372,10 +372,12 @@ def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> P
     trainer.train()
     out = Path(config.output_dir)
     trainer.save_model(str(out))
-    (out / GAP_MARKER).write_text(json.dumps({
-        "kind": "pit-gap-reward", "format": gap_text("{instruction}", "{y1}", "{y2}"),
-        "max_length": stage.max_length, "base_model": path, "train_version": data.version,
-    }, indent=2))
+    if config.should_save:  # the process save_model wrote from (one per run, or per node)
+        (out / GAP_MARKER).write_text(json.dumps({
+            "kind": "pit-gap-reward", "format": gap_text("{instruction}", "{y1}", "{y2}"),
+            "max_length": stage.max_length, "base_model": path, "train_version": data.version,
+        }, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the marker exists
     return out
 
 
