@@ -63,7 +63,7 @@ from pydantic import Field
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.scoring import bradley_terry, validate_rho, win_matrix
-from tpo_data.steps import _EXCLUDE
+from tpo_data.steps import _EXCLUDE, JUDGE_COLUMNS, JUDGE_COUNTERS
 from tpo_data.tournament import Tournament, round_robin_calls
 from tpo_data.verdicts import neutralize, parse_verdict
 
@@ -74,9 +74,6 @@ JUDGES = ("pairwise", "reward_model", "none")
 JUDGE_MODES = ("round_robin", "tournament")
 # --judge_model value that means "the model being trained" (self-judging).
 POLICY = "policy"
-# Per-row counts every judge step writes (zeroed first; summed in the run statistics).
-JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
-JUDGE_COLUMNS = ("scores", *JUDGE_COUNTERS)
 # What a forced verdict continues the judge's own text with, and how far.
 FORCE_PREFIX = "\n\nFinal verdict: [["
 FORCE_MAX_NEW_TOKENS = 3

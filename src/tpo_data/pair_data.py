@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.judges import JUDGE_COUNTERS, JudgeArguments
+from tpo_data.judges import JudgeArguments
 from tpo_data.pairs import select_pairs, summarize
 from tpo_data.prompts import ThoughtPrompt
 from tpo_data.scoring import auto_rho, check_finite, length_controlled, position_biased
+from tpo_data.steps import JUDGE_COUNTERS
 
 if TYPE_CHECKING:
     import datasets

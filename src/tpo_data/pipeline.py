@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import multiprocessing
@@ -178,7 +179,7 @@ def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
 def require_ray() -> None:
     """Fail before any server starts: without Ray the pipeline's child process would die on import."""
     try:
-        import ray  # noqa: F401
+        importlib.import_module("ray")
     except ImportError:
         raise TPODataError(
             "--use_ray is set but Ray is not installed in this environment.",

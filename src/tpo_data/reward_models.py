@@ -37,7 +37,8 @@ from tpo_data.armorm import (
     load_config_dict,
 )
 from tpo_data.errors import TPODataError
-from tpo_data.judges import JUDGE_COUNTERS, JudgeColumns
+from tpo_data.judges import JudgeColumns
+from tpo_data.steps import JUDGE_COUNTERS
 
 if TYPE_CHECKING:
     from distilabel.typing import StepColumns, StepOutput

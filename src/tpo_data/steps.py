@@ -63,9 +63,12 @@ class ThoughtGeneration(Task):
         return {"generation": output}
 
 
+# Per-row counts every judge step writes (zeroed first; summed in the run statistics).
+JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
+JUDGE_COLUMNS = ("scores", *JUDGE_COUNTERS)
 # The columns a finished row keeps in checkpoints and the iteration ledger.
 KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
-        "model_name", "scores", "judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
+        "model_name", *JUDGE_COLUMNS)
 
 
 def is_finished(row: dict, judged: bool) -> bool:
