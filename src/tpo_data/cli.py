@@ -44,7 +44,13 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tpo-data", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tpo-data",
+        description="Thought Preference Optimization (TPO) and implicit self-improvement (PIT): "
+        "build preference datasets with distilabel, version them, review them in Argilla and "
+        "train on them with TRL. `tpo-data COMMAND --help` lists a command's options.",
+        epilog="Main job: tpo-data iterate --config recipes/tpo-smollm2.yaml --iterations 2",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     # These take a recipe (--config) plus TRL-style overrides; TrlParser reads them, --help included.
