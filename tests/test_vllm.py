@@ -113,6 +113,37 @@ def test_server_dying_mid_run_loses_nothing(server, tiny_lm, tmp_path):
     assert len(read_rows(out)) == 8
 
 
+def test_two_servers_share_the_requests_and_survive_losing_one(server, tiny_lm, tmp_path):
+    """--base_url A,B: both vLLM servers answer; once B stops mid-run, requests go to A and the
+    run finishes with every instruction (no load balancer in front)."""
+    route = 'http_requests_total{handler="/v1/chat/completions",method="POST",status="2xx"}'
+    second = VLLMServer(tiny_lm, port=free_port(), python=vllm_python(), served_model_name="tiny",
+                        kvcache_gb=1, max_model_len=1024, log_path=tmp_path / "second.log").start()
+    before = metric(server.base_url, route)
+    out = tmp_path / "o"
+    log = tmp_path / "pipeline.log"  # a file, not a pipe nobody reads while waiting below
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "pipelines/tpo.py", "--config", RECIPE, "--engine", "vllm", "--model",
+             str(tiny_lm), "--input_batch_size", "1", "--max_new_tokens", "64", "--output_dir", str(out),
+             "--base_url", f"{server.base_url},{second.base_url}"],
+            cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True,
+        )
+    checkpoints = out / "iter-1" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while len(list(checkpoints.glob("*.jsonl"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    on_second = metric(second.base_url, route)
+    second.stop()
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 8 and all(len(r["generation"]) == 4 for r in rows)
+    on_first = metric(server.base_url, route) - before
+    # One request per instruction; one may have finished on B after its count was read.
+    assert on_second >= 1 and on_first >= 1 and 7 <= on_first + on_second <= 8
+
+
 def test_server_samples_through_the_cpu_top_p_plugin(server):
     # The engine process logs it when vLLM loads tpo_data.vllm_top_p (installed by bootstrap.sh --vllm).
     assert "tpo-data: CPU top-p without a full vocabulary sort" in server.log_path.read_text()

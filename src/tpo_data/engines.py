@@ -45,8 +45,9 @@ class EngineArguments:
     )
     base_url: str | None = field(
         default=None,
-        metadata={"help": "OpenAI-compatible endpoint (…/v1). Required for 'openai'; for 'vllm' "
-                  "use a running server instead of starting one."},
+        metadata={"help": "OpenAI-compatible endpoint (…/v1), or several serving the same model, "
+                  "comma-separated (each request goes to the least busy). Required for 'openai'; "
+                  "for 'vllm' use running servers instead of starting one."},
     )
     served_model_name: str | None = field(
         default=None, metadata={"help": "Model name at the endpoint (default: what /v1/models lists)."}
@@ -86,6 +87,10 @@ class EngineArguments:
                 "The 'openai' engine needs an endpoint.",
                 "Pass --base_url http://HOST:PORT/v1 (and put its key in $OPENAI_API_KEY).",
             )
+        if self.base_url:
+            from tpo_data.endpoints import split_endpoints
+
+            split_endpoints(self.base_url)
 
 
 @dataclass
@@ -229,9 +234,14 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
         )
     from distilabel.models.llms import OpenAILLM
 
-    return OpenAILLM(
+    from tpo_data.endpoints import BalancedOpenAILLM, split_endpoints
+
+    urls = split_endpoints(base_url) if base_url else []
+    several = {"base_urls": urls} if len(urls) > 1 else {}
+    return (BalancedOpenAILLM if several else OpenAILLM)(
         model=served_name or str(model_path),
-        base_url=base_url,
+        base_url=urls[0] if urls else base_url,
+        **several,
         api_key=api_key(args),
         timeout=int(args.request_timeout),
         max_retries=2,

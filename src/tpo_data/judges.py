@@ -60,6 +60,7 @@ from distilabel.steps import StepInput
 from distilabel.steps.tasks import Task
 from pydantic import Field
 
+from tpo_data.endpoints import split_endpoints
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.scoring import bradley_terry, validate_rho, win_matrix
@@ -116,8 +117,9 @@ class JudgeArguments:
     )
     judge_base_url: str | None = field(
         default=None,
-        metadata={"help": "OpenAI-compatible endpoint of the judge (…/v1). Default: the policy's "
-                  "endpoint when the judge is the policy model, else a vLLM server we start."},
+        metadata={"help": "OpenAI-compatible endpoint of the judge (…/v1), or several, comma-"
+                  "separated. Default: the policy's endpoint when the judge is the policy model, "
+                  "else a vLLM server we start."},
     )
     judge_mode: str = field(
         default="round_robin",
@@ -154,6 +156,8 @@ class JudgeArguments:
                 f"Unknown judge mode {self.judge_mode!r}.", f"Use one of: {', '.join(JUDGE_MODES)}."
             )
         self.rho_value()  # fail at parse time, not after generation
+        if self.judge_base_url:
+            split_endpoints(self.judge_base_url, "--judge_base_url")
         if self.judge_max_new_tokens < 1 or self.judge_temperature < 0:
             raise TPODataError(
                 f"Invalid judge settings judge_max_new_tokens={self.judge_max_new_tokens}, "

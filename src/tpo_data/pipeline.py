@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
+from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
 from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_engine_args, judge_sampling
 from tpo_data.prompts import ThoughtPrompt
@@ -350,5 +351,14 @@ def start_endpoint(engine: EngineArguments, model_path: str, sampling: SamplingA
         log.info("Starting vLLM on port %d (log: %s)", server.port, server.log_path)
         stack.enter_context(server)
         return server.base_url, server.served_model_name
-    models = check_endpoint(engine.base_url, api_key(engine))
-    return engine.base_url, engine.served_model_name or (models[0] if models else None)
+    served = {url: check_endpoint(url, api_key(engine)) for url in split_endpoints(engine.base_url)}
+    if engine.served_model_name:
+        return engine.base_url, engine.served_model_name
+    firsts = {url: models[0] if models else None for url, models in served.items()}
+    if len(set(firsts.values())) > 1:
+        raise TPODataError(
+            "The endpoints serve different models: "
+            + ", ".join(f"{name} at {url}" for url, name in firsts.items()) + ".",
+            "Point --base_url at servers of one model, or name it with --served_model_name.",
+        )
+    return engine.base_url, next(iter(firsts.values()))

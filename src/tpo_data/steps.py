@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 # The endpoint address changes between runs (ports, hosts); it must not
 # invalidate the cache a resumed run relies on.
-_EXCLUDE = _EXCLUDE_FROM_SIGNATURE_DEFAULTS | {"llm_base_url", "llm_timeout", "llm_max_retries"}
+_EXCLUDE = _EXCLUDE_FROM_SIGNATURE_DEFAULTS | {"llm_base_url", "llm_base_urls", "llm_timeout",
+                                               "llm_max_retries"}
 
 
 class ThoughtGeneration(Task):
