@@ -22,6 +22,7 @@ from distilabel.models.llms.base import LLM
 from distilabel.models.llms.utils import prepare_output
 from pydantic import PrivateAttr
 
+from tpo_data.endpoints import BalancedOpenAILLM, split_endpoints
 from tpo_data.errors import TPODataError
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ class EngineArguments:
                 "Pass --base_url http://HOST:PORT/v1 (and put its key in $OPENAI_API_KEY).",
             )
         if self.base_url:
-            from tpo_data.endpoints import split_endpoints
-
             split_endpoints(self.base_url)
 
 
@@ -233,8 +232,6 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
                                "temperature": sampling.temperature, "top_p": sampling.top_p},
         )
     from distilabel.models.llms import OpenAILLM
-
-    from tpo_data.endpoints import BalancedOpenAILLM, split_endpoints
 
     urls = split_endpoints(base_url) if base_url else []
     several = {"base_urls": urls} if len(urls) > 1 else {}
