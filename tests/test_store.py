@@ -455,6 +455,16 @@ def test_cli_help_runs() -> None:
     assert result.returncode == 0 and "--tag" in result.stdout and "HF_TOKEN" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["generate", "iterate", "eval", "train"])
+def test_recipe_command_help_names_the_command(command: str, capsys) -> None:
+    # These parse with TrlParser, whose usage line would otherwise read "tpo-data [-h] ...".
+    with pytest.raises(SystemExit) as done:
+        cli_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith(f"usage: tpo-data {command} [-h]")
+    assert "--config" in out
+
+
 def test_same_version_name_in_two_stores_loads_each_stores_rows(tmp_path: Path) -> None:
     # datasets caches a local folder by its name; two stores with "iter-1" must not mix.
     first, second = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")

@@ -10,9 +10,20 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from tpo_data import cli_argilla, cli_pit, cli_store, cli_train
 from tpo_data.errors import TPODataError
+
+
+def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
+    """TRL's ``TrlParser`` over ``dataclass_types``; its help also names ``--config``, which
+    TrlParser reads before argparse and so never lists."""
+    from trl import TrlParser
+
+    return TrlParser(dataclass_types, prog=prog, epilog=(
+        "--config RECIPE.yaml takes defaults from a YAML recipe (see recipes/); flags given on "
+        "the command line override it."))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -73,19 +84,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run_tpo(rest: list[str]) -> None:
     from tpo_data.iteration import main as tpo_main
 
-    tpo_main(rest)
+    tpo_main(rest, prog="tpo-data generate")
 
 
 def _run_loop(rest: list[str]) -> None:
     from tpo_data.loop import main as loop_main
 
-    loop_main(rest)
+    loop_main(rest, prog="tpo-data iterate")
 
 
 def _run_eval(rest: list[str]) -> None:
     from tpo_data.loop import eval_main
 
-    eval_main(rest)
+    eval_main(rest, prog="tpo-data eval")
 
 
 _RECIPE_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {

@@ -27,5 +27,5 @@ def add_cli(subparsers: Any) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tpo_data.training import main
 
-    main(args.train_args)
+    main(args.train_args, prog="tpo-data train")
     return 0

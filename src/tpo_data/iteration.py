@@ -130,11 +130,11 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
     return data.stats
 
 
-def main(argv: list[str] | None = None) -> GenerationResult:
+def main(argv: list[str] | None = None, prog: str | None = None) -> GenerationResult:
     """Parse ``--config recipe.yaml`` plus CLI overrides (TRL style) and run the stage."""
-    from trl import TrlParser
+    from tpo_data.cli import recipe_parser
 
-    parser = TrlParser(ARGUMENT_TYPES)
+    parser = recipe_parser(ARGUMENT_TYPES, prog)
     instructions, engine, sampling, run, judge = parser.parse_args_and_config(argv)
     hub.check_push_to_hub(run.push_to_hub, judged=judge.judge != "none")
     result = run_generation(instructions, engine, sampling, run, judge)

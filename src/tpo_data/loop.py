@@ -236,14 +236,13 @@ def format_lineage(lineage: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``tpo-data iterate``: the recipe's arguments plus :class:`LoopArguments` and the eval's."""
-    from trl import TrlParser
-
+    from tpo_data.cli import recipe_parser
     from tpo_data.evaluation import EvalArguments, evaluate, format_summary
     from tpo_data.iteration import ARGUMENT_TYPES
 
-    parser = TrlParser((*ARGUMENT_TYPES, LoopArguments, EvalArguments))
+    parser = recipe_parser((*ARGUMENT_TYPES, LoopArguments, EvalArguments), prog)
     instructions, engine, sampling, run, judge, loop, eval_args = parser.parse_args_and_config(argv)
     started = time.perf_counter()
     lineage = run_loop(instructions, engine, sampling, run, judge, loop)
@@ -263,14 +262,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"lineage": lineage, "report": report}
 
 
-def eval_main(argv: list[str] | None = None) -> dict[str, Any]:
+def eval_main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``tpo-data eval``: the recipe's arguments plus the eval's."""
-    from trl import TrlParser
-
+    from tpo_data.cli import recipe_parser
     from tpo_data.evaluation import EvalArguments, evaluate, format_summary
     from tpo_data.iteration import ARGUMENT_TYPES
 
-    parser = TrlParser((*ARGUMENT_TYPES, EvalArguments))
+    parser = recipe_parser((*ARGUMENT_TYPES, EvalArguments), prog)
     instructions, engine, sampling, run, judge, eval_args = parser.parse_args_and_config(argv)
     report = evaluate(instructions, engine, sampling, run, judge, eval_args)
     print(format_summary(report))

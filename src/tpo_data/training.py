@@ -126,15 +126,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_parser() -> TrlParser:
+def make_parser(prog: str | None = None) -> TrlParser:
     """TrlParser over (TrainArguments, DPOConfig, ModelConfig) with tpo-data's defaults.
 
     The defaults are set on the parser, so a recipe (``--config``) and the command
     line still override every one of them.
     """
-    from trl import DPOConfig, ModelConfig, TrlParser
+    from trl import DPOConfig, ModelConfig
 
-    parser = TrlParser((TrainArguments, DPOConfig, ModelConfig))
+    from tpo_data.cli import recipe_parser
+
+    parser = recipe_parser((TrainArguments, DPOConfig, ModelConfig), prog)
     defaults: dict[str, Any] = {
         "precompute_ref_log_probs": True,
         "report_to": "trackio" if trackio_available() else "none",
@@ -148,8 +150,9 @@ def make_parser() -> TrlParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainArguments, DPOConfig, ModelConfig]:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str | None = None) -> tuple[TrainArguments, DPOConfig, ModelConfig]:
+    script_args, training_args, model_args = make_parser(prog).parse_args_and_config(
         args=None if argv is None else list(argv)
     )
     return script_args, training_args, model_args
@@ -597,6 +600,6 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     """Parse ``argv`` (default: sys.argv) like trainers/dpo.py and train."""
-    return train(*parse_args(argv))
+    return train(*parse_args(argv, prog))
