@@ -151,10 +151,11 @@ def parse_stage(section: str, types: Sequence[type], argv: Sequence[str] | None,
     import sys
 
     import torch
-    from trl import TrlParser
+
+    from tpo_data.cli import recipe_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser(list(types))
+    parser = recipe_parser(list(types))
     if training:
         parser.set_defaults(report_to="none")
         if not torch.cuda.is_available():
