@@ -292,11 +292,11 @@ def test_rho_argument(rho, expected):
         assert JudgeArguments(rho=rho).rho_value() == expected
 
 
-def _ray_daemons() -> list[str]:
+def _ray_daemons() -> set[int]:
     import psutil
 
-    return [p.info["name"] for p in psutil.process_iter(["name"])
-            if p.info["name"] and ("raylet" in p.info["name"] or "gcs_server" in p.info["name"])]
+    return {p.pid for p in psutil.process_iter(["name"])
+            if p.info["name"] and ("raylet" in p.info["name"] or "gcs_server" in p.info["name"])}
 
 
 def test_use_ray_matches_local_pipeline(tiny_lm, tmp_path, monkeypatch):
@@ -306,17 +306,19 @@ def test_use_ray_matches_local_pipeline(tiny_lm, tmp_path, monkeypatch):
 
     rm = make_tiny_seqcls(tmp_path / "rm")
     # Ray's sessions go here, which shows it ran; a short path keeps its sockets under 107 bytes.
+    # A fresh temp dir and no RAY_ADDRESS: a new local cluster, never one the machine already runs.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     extra = ("--judge", "reward_model", "--judge_model", str(rm), "--num_samples", "3")
-    assert not _ray_daemons()
+    daemons = _ray_daemons()
     runs = {}
     for name, flags in (("local", ()), ("ray", ("--use_ray",))):
         out = tmp_path / name
         tpo_main(_args(tiny_lm, out, *extra, *flags))
         runs[name] = out
         assert any((ray_tmp / "ray").glob("session_2*")) == bool(flags)
-    assert not _ray_daemons()
+    assert _ray_daemons() <= daemons  # the run's cluster stopped with it
     shutil.rmtree(ray_tmp, ignore_errors=True)
     local, ray = runs["local"], runs["ray"]
     generations = (ray / "iter-1" / "generations.jsonl").read_text()
