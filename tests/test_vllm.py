@@ -65,6 +65,9 @@ def test_k_samples_come_from_one_request_per_instruction(server, tmp_path):
     # 8 instructions x K=4 samples, in 8 HTTP requests: n=K shares each prompt.
     assert metric(server.base_url, route) - before == 8
     assert "Samples: 32 for 8 instructions" in proc.stdout
+    # The HTTP client's per-request INFO lines are silenced; distilabel's progress is not.
+    logs = proc.stdout + proc.stderr
+    assert "HTTP Request:" not in logs and "Processing batch" in logs
 
 
 def test_pipeline_starts_and_stops_its_own_server(tiny_lm, tmp_path):

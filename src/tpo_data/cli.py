@@ -36,6 +36,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler = RichHandler(show_path=False, console=Console(stderr=True))
     handler.addFilter(ScrubFilter())  # tokens and API keys never reach a log
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler])
+    # The OpenAI client's HTTP library logs every request at INFO (hundreds per evaluation,
+    # drowning the progress lines). distilabel's step workers: steps._silence_httpx2.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def report(err: TPODataError) -> int:

@@ -73,10 +73,6 @@ class LocalModels:
         if engine not in ("transformers", "vllm"):
             raise TPODataError(f"Unknown engine {engine!r}.", "Use transformers or vllm.")
         self.engine, self.vllm_port, self.log_dir, self.seed = engine, vllm_port, Path(log_dir), seed
-        if engine == "vllm":
-            import logging
-
-            logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
         self.stack = ExitStack()
         self.servers: dict[str, tuple[str | None, str | None]] = {}
 

@@ -18,6 +18,7 @@ last finished batch instead.
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,24 @@ from typing import TYPE_CHECKING, Any
 from distilabel.mixins.signature import _EXCLUDE_FROM_SIGNATURE_DEFAULTS
 from distilabel.steps import Step, StepInput
 from distilabel.steps.tasks import Task
+from distilabel.utils import logging as distilabel_logging
 from pydantic import Field
 
 from tpo_data.parsing import split_output
 from tpo_data.prompts import ThoughtPrompt
+
+
+def _silence_httpx2() -> None:
+    """Adapter: distilabel 1.5.3 silences the ``httpx`` logger in its step workers, but openai 3
+    sends requests through ``httpx2``, which then logs every request at INFO (hundreds of lines
+    per judged iteration). The workers are spawned and import this module when they unpickle
+    our steps, after distilabel's own logging setup, so doing it at import reaches them."""
+    if "httpx2" not in distilabel_logging._SILENT_LOGGERS:
+        distilabel_logging._SILENT_LOGGERS.append("httpx2")
+    logging.getLogger("httpx2").setLevel(logging.CRITICAL)
+
+
+_silence_httpx2()
 
 if TYPE_CHECKING:
     from distilabel.typing import StepOutput
