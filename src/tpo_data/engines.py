@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from distilabel.models.llms import OpenAILLM
 from distilabel.models.llms.base import LLM
 from distilabel.models.llms.utils import prepare_output
 from pydantic import PrivateAttr
@@ -231,8 +232,6 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
             generation_kwargs={"max_new_tokens": sampling.max_new_tokens,
                                "temperature": sampling.temperature, "top_p": sampling.top_p},
         )
-    from distilabel.models.llms import OpenAILLM
-
     urls = split_endpoints(base_url) if base_url else []
     several = {"base_urls": urls} if len(urls) > 1 else {}
     return (BalancedOpenAILLM if several else OpenAILLM)(
