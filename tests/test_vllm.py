@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_script, vllm_python
+from tpo_data.engines import EngineArguments, SamplingArguments
+from tpo_data.errors import TPODataError
+from tpo_data.pipeline import start_endpoint
 from tpo_data.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -87,8 +91,23 @@ def test_pipeline_starts_and_stops_its_own_server(tiny_lm, tmp_path):
 
 def test_server_dying_mid_run_loses_nothing(server, tiny_lm, tmp_path):
     python = vllm_python()
-    doomed = VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny",
+    doomed = VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny-doomed",
                         kvcache_gb=1, max_model_len=1024, log_path=tmp_path / "doomed.log").start()
+    # Two servers under different names may be different models: refused before anything runs.
+    both = f"{server.base_url},{doomed.base_url}"
+    engine = EngineArguments(engine="vllm", base_url=both)
+    with pytest.raises(TPODataError, match=rf"serve different models: tiny at {server.base_url}, "
+                                           rf"tiny-doomed at {doomed.base_url}\."):
+        start_endpoint(engine, str(tiny_lm), SamplingArguments(), tmp_path, ExitStack())
+    # Naming the model is checked against every server too.
+    engine.served_model_name = "tiny"
+    with pytest.raises(TPODataError, match=rf"'tiny' is not served at {doomed.base_url} "
+                                           r"\(it serves: tiny-doomed\)\.\n"):
+        start_endpoint(engine, str(tiny_lm), SamplingArguments(), tmp_path, ExitStack())
+    engine.base_url = doomed.base_url
+    engine.served_model_name = "tiny-doomed"
+    assert start_endpoint(engine, str(tiny_lm), SamplingArguments(), tmp_path,
+                          ExitStack()) == (engine.base_url, "tiny-doomed")
     out = tmp_path / "o"
     args = ["pipelines/tpo.py", "--config", RECIPE, "--engine", "vllm", "--model", str(tiny_lm),
             "--input_batch_size", "1", "--max_new_tokens", "64", "--output_dir", str(out)]

@@ -352,13 +352,25 @@ def start_endpoint(engine: EngineArguments, model_path: str, sampling: SamplingA
         stack.enter_context(server)
         return server.base_url, server.served_model_name
     served = {url: check_endpoint(url, api_key(engine)) for url in split_endpoints(engine.base_url)}
-    if engine.served_model_name:
-        return engine.base_url, engine.served_model_name
-    firsts = {url: models[0] if models else None for url, models in served.items()}
-    if len(set(firsts.values())) > 1:
+    name = engine.served_model_name
+    if name is None:
+        firsts = {url: models[0] if models else None for url, models in served.items()}
+        if len(set(firsts.values())) > 1:
+            raise TPODataError(
+                "The endpoints serve different models: "
+                + ", ".join(f"{first} at {url}" for url, first in firsts.items()) + ".",
+                "Point --base_url at servers of one model, or name the model all of them serve "
+                "with --served_model_name.",
+            )
+        return engine.base_url, next(iter(firsts.values()))
+    # A typo or a server of another model fails here, not as a 404 on every request.
+    lacking = {url: models for url, models in served.items() if models and name not in models}
+    if lacking:
         raise TPODataError(
-            "The endpoints serve different models: "
-            + ", ".join(f"{name} at {url}" for url, name in firsts.items()) + ".",
-            "Point --base_url at servers of one model, or name it with --served_model_name.",
+            f"--served_model_name {name!r} is not served at "
+            + ", ".join(f"{url} (it serves: {', '.join(models)})" for url, models in lacking.items())
+            + ".",
+            "Use a name each endpoint lists at /v1/models, or leave --served_model_name unset "
+            "to take the one they serve.",
         )
-    return engine.base_url, next(iter(firsts.values()))
+    return engine.base_url, name
