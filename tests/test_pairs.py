@@ -105,11 +105,14 @@ def test_drop_reasons(scores, lengths, parsed, reason):
     assert select_pair(scores, lengths, parsed, rho=0.1) == Drop(reason)
 
 
-def test_all_equal_with_length_control_still_pairs_by_length():
-    # Equal scores but different lengths: rho > 0 separates them (shorter wins).
-    pair = select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.1)
-    assert (pair.chosen, pair.rejected) == (0, 1)
-    assert select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.0) == Drop(DROP_ALL_EQUAL)
+@pytest.mark.parametrize("rho", [0.0, 0.1, 0.5])
+def test_equal_judge_scores_never_pair_by_length_alone(rho):
+    # The judge could not tell the samples apart (e.g. every verdict cancelled): no pair,
+    # even where length control would separate them. Float noise in a BT fit counts as equal.
+    assert select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=rho) == Drop(DROP_ALL_EQUAL)
+    assert select_pair([1e-13, -2e-13, 0.0], [100, 300, 200], [True] * 3, rho=rho) == Drop(DROP_ALL_EQUAL)
+    # Any real difference in judge scores gives a pair.
+    assert isinstance(select_pair([0.5, 0.5, 0.6], [100, 300, 200], [True] * 3, rho=rho), PairChoice)
 
 
 def test_all_equal_but_a_parse_failure_gives_a_pair():

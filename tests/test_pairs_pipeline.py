@@ -21,7 +21,7 @@ from pydantic import PrivateAttr
 
 from tpo_data.errors import TPODataError
 from tpo_data.iteration import main as tpo_main
-from tpo_data.judges import JudgeArguments, PairwiseJudge
+from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_messages
 from tpo_data.pair_data import build_iteration_data, format_stats
 from tpo_data.prompts import GENERIC_TEXT, PRESETS
 from tpo_data.store import LocalStore
@@ -102,6 +102,16 @@ def test_pairwise_round_robin_scores_responses_only():
         # A consistent judge: Bradley-Terry orders the responses by length.
         by_score = sorted(valid, key=lambda i: scores[i])
         assert by_score == sorted(valid, key=lambda i: len(neutralize(row["responses"][i])))
+
+
+def test_judge_prompt_keeps_braces_in_instruction_and_responses_literal():
+    instruction = "In Python, what does print(f'{a}-{b}') print when a=3, b=4? {instruction}"
+    a, b = "It prints 3-4, the values of {a} and {b}.", "{instruction} {a} is a set literal."
+    (system, user) = judge_messages(instruction, a, b)
+    assert system["role"] == "system" and "[[A]]" in system["content"]
+    question = user["content"].split("\n\n[The Start of Assistant A's Answer]")[0]
+    assert question == "[User Question]\n" + instruction
+    assert dict(_ANSWER.findall(user["content"])) == {"A": a, "B": b}
 
 
 def test_pairwise_judge_without_decisive_verdicts_gives_no_scores():

@@ -273,6 +273,16 @@ def test_auto_rho_reports_when_unsatisfiable():
     assert (result.mean_chosen_length, result.mean_rejected_length) == (200.0, 100.0)
 
 
+def test_auto_rho_tunes_on_the_pairs_that_are_written():
+    # A long parse failure makes rho 0 look satisfied, but without rejecting parse
+    # failures the written pair is (300 chars, 250 chars) until rho makes the 200-char one chosen.
+    group = ([2.0, 1.8, 0.0, math.nan], [300, 200, 250, 2000], [True, True, True, False])
+    assert auto_rho([group]).rho == 0.0
+    result = auto_rho([group], reject_parse_failures=False)
+    assert result.satisfied and result.rho > 0
+    assert result.mean_chosen_length <= result.mean_rejected_length
+
+
 def test_auto_rho_with_no_pairs():
     result = auto_rho([([1.0], [10], [True])], grid=[0.0, 0.2])
     assert (result.rho, result.satisfied, result.n_pairs) == (0.2, False, 0)
@@ -295,13 +305,13 @@ group_strategy = st.integers(2, 6).flatmap(
 )
 
 
-@given(st.lists(group_strategy, min_size=1, max_size=6))
-@settings(max_examples=40, deadline=None)
-def test_auto_rho_is_the_first_grid_value_that_satisfies(groups):
-    result = auto_rho(groups)
+@given(st.lists(group_strategy, min_size=1, max_size=6), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures):
+    result = auto_rho(groups, reject_parse_failures=reject_failures)
 
     def holds(rho):
-        pairs = select_pairs(groups, rho).pairs
+        pairs = select_pairs(groups, rho, reject_parse_failures=reject_failures).pairs
         return bool(pairs) and np.mean([p.chosen_length for _, p in pairs]) <= np.mean(
             [p.rejected_length for _, p in pairs]
         )

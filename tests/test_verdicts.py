@@ -30,6 +30,13 @@ REASONING = (
         (REASONING + "My verdict: [[ B ]]", "B"),
         (REASONING + "[[B]] [[B]]", "B"),
         (REASONING + "`[[A]]`", "A"),  # a bare verdict in backticks is still the verdict
+        # Judges often copy the quoted form from the prompt after a label.
+        (REASONING + 'Final verdict: "[[B]]"', "B"),
+        (REASONING + "**Final Verdict:** `[[B]]`", "B"),
+        (REASONING + "My final verdict is '[[A]]'.", "A"),
+        (REASONING + "Therefore, my verdict is \u201c[[B]]\u201d", "B"),
+        (REASONING + "Both are equally good. [[C]]", "C"),  # a declared tie
+        (REASONING + "Final verdict: [[C]]", "C"),
         ("Earlier I considered [[A]].\nOn reflection B is better: [[B]]", "B"),
     ],
 )
@@ -42,7 +49,7 @@ def test_legit_judgments_parse(judgment, expected):
     [
         "",
         "   \n  ",
-        REASONING + "Both are equally good. [[C]]",
+        REASONING + "[[A]] or [[C]]",
         REASONING + "Output [[A]] if assistant A is better, [[B]] if assistant B is better.",
         REASONING + "[[A]] or [[B]], hard to say",
         REASONING + "I cannot decide.",
@@ -54,7 +61,7 @@ def test_legit_judgments_parse(judgment, expected):
         REASONING + "[[\nA\n]]",  # a token does not span lines
     ],
 )
-def test_unparsable_or_tie_is_none(judgment):
+def test_unparsable_is_none(judgment):
     assert parse_verdict(judgment) is None
 
 
@@ -81,6 +88,7 @@ def test_partial_quote_of_a_response_is_ignored():
 
 def test_quote_marked_token_in_prose_is_ignored():
     assert parse_verdict(REASONING + 'Response A just says "[[A]]", which is not an answer.') is None
+    assert parse_verdict(REASONING + 'The answer A gave: "[[A]]"') is None
 
 
 def test_response_cannot_void_a_verdict_against_it():

@@ -26,7 +26,8 @@ make ``pairs.select_pair`` drop the instruction (``non_finite_score``).
 
 Forced verdicts. A weak judge (the embedded SmolLM2-135M) reasons but almost
 never ends with ``[[A]]``/``[[B]]``. With ``force_verdict`` (the default), every
-judgment without a parsable verdict gets a second, short call: the same
+judgment without a parsable verdict (a tie it declared, ``[[C]]``, stays a tie)
+gets a second, short call: the same
 conversation, with the judge's own text as a *partial* assistant message
 followed by :data:`FORCE_PREFIX` (``"\n\nFinal verdict: [["``), continued
 greedily for at most :data:`FORCE_MAX_NEW_TOKENS` tokens. The verdict is "A" or
@@ -197,17 +198,18 @@ USER_TEMPLATE = (
     "[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]\n\n"
     "[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]"
 )
+_SLOTS = re.compile(r"\{(instruction|a|b)\}")
 
 
 def judge_messages(instruction: str, shown_a: str, shown_b: str) -> list[dict[str, str]]:
     """The pair-wise judge's chat input; ``shown_*`` are responses already neutralized."""
-    # str.replace in a fixed order rather than str.format: braces in responses stay literal,
-    # and a response containing "{b}" cannot pull in the other one.
-    user = USER_TEMPLATE.replace("{instruction}", instruction, 1)
-    head, tail = user.split("{a}", 1)
+    # One pass over the template, not str.format or chained replaces: braces in the
+    # instruction or the responses ("{a}" in a Python question) stay literal text.
+    values = {"instruction": instruction, "a": shown_a, "b": shown_b}
+    user = _SLOTS.sub(lambda m: values[m.group(1)], USER_TEMPLATE)
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": head + shown_a + tail.replace("{b}", shown_b, 1)},
+        {"role": "user", "content": user},
     ]
 
 
@@ -262,9 +264,11 @@ def judge_calls(llm: LLM, calls: Sequence[tuple[str, str, str]],
     messages = [judge_messages(instruction, a, b) for (instruction, _, _), (a, b) in zip(calls, shown)]
     outputs = llm.generate_outputs(inputs=messages, num_generations=1, **llm.get_generation_kwargs())
     judgments = [(output.get("generations") or [None])[0] or "" for output in outputs]
-    verdicts = [Verdict({"A": 1, "B": -1}.get(parse_verdict(j, s) or "", 0), judgment=j)
-                for j, s in zip(judgments, shown)]
-    undecided = [i for i, v in enumerate(verdicts) if v.r == 0]
+    letters = [parse_verdict(j, s) for j, s in zip(judgments, shown)]
+    verdicts = [Verdict({"A": 1, "B": -1}.get(letter or "", 0), judgment=j)
+                for j, letter in zip(judgments, letters)]
+    # A tie the judge declared ([[C]]) is its verdict (0); only a missing one is forced.
+    undecided = [i for i, letter in enumerate(letters) if letter is None]
     if force_verdict and undecided:
         continuations = force_continuations(
             llm, [messages[i] for i in undecided], [judgments[i] for i in undecided]

@@ -81,7 +81,8 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
         )
     groups = [(_scores(r), sample_lengths(r), r["parsed"]) for r in rows]
     fixed = judge.rho_value()
-    auto = None if fixed is not None else auto_rho(groups)
+    auto = None if fixed is not None else auto_rho(
+        groups, reject_parse_failures=judge.reject_parse_failures)
     rho = fixed if auto is None else auto.rho
     selection = select_pairs(groups, rho, reject_parse_failures=judge.reject_parse_failures)
 

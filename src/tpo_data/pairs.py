@@ -15,8 +15,9 @@ Rules (METHOD.md 1.5-1.6, and our choices where the paper is silent):
 - An instruction is dropped, with a reason, when no pair exists:
   ``single_sample`` (K = 1), ``non_finite_score`` (a valid sample has a
   NaN/inf score: the judge misbehaved on this instruction),
-  ``no_valid_candidate`` (nothing parsed), ``all_equal`` (every valid s
-  is equal and there is no parse failure to reject), ``single_valid``
+  ``no_valid_candidate`` (nothing parsed), ``all_equal`` (the judge scored
+  every valid sample the same and there is no parse failure to reject: length
+  control alone must not make a pair), ``single_valid``
   (one valid sample and parse failures are not rejected).
 """
 
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from tpo_data.errors import TPODataError
-from tpo_data.scoring import Group, check_finite, length_controlled, validate_rho
+from tpo_data.scoring import Group, check_finite, length_controlled, no_spread, validate_rho
 
 DROP_SINGLE_SAMPLE = "single_sample"
 DROP_NON_FINITE = "non_finite_score"
@@ -114,7 +115,7 @@ def select_pair(
     gap: float | None = None
     if failures.size:
         rejected = int(failures[0])
-    elif np.ptp(s) <= _EQUAL_ATOL:
+    elif no_spread(sc[valid]) or np.ptp(s) <= _EQUAL_ATOL:
         return Drop(DROP_ALL_EQUAL)
     else:
         worst = int(np.argmin(s))

@@ -158,17 +158,21 @@ def check_finite(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.isfinite(np.asarray(scores, dtype=float))
 
 
+def no_spread(x: Sequence[float] | np.ndarray) -> bool:
+    """Whether the values cannot tell samples apart (equal up to float noise, relative to their size)."""
+    x = np.asarray(x, dtype=float)
+    return bool(x.std() <= _ZERO_STD_RTOL * max(1.0, abs(x.mean())))
+
+
 def _zscore(x: np.ndarray) -> np.ndarray:
     """(x - mean) / std with the population std; a constant vector maps to zeros.
 
     Zero spread means the quantity cannot tell the samples apart, so it must
     not move the score: z = 0 rather than a division by zero.
     """
-    mean = x.mean()
-    std = x.std()
-    if std <= _ZERO_STD_RTOL * max(1.0, abs(mean)):
+    if no_spread(x):
         return np.zeros_like(x)
-    return (x - mean) / std
+    return (x - x.mean()) / x.std()
 
 
 def validate_rho(rho: float) -> float:
@@ -226,14 +230,16 @@ class AutoRho:
     n_pairs: int
 
 
-def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAULT_RHO_GRID) -> AutoRho:
+def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAULT_RHO_GRID, *,
+             reject_parse_failures: bool = True) -> AutoRho:
     """Smallest rho in ``grid`` whose pairs have mean chosen length <= mean rejected length.
 
     ``groups`` holds one ``(scores, lengths, valid_mask)`` per instruction
     (valid = parsed). Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
-    does, so pairs whose rejected sample is a parse failure count too, with
-    the length the caller passed for it. A rho that keeps no pair cannot be
-    checked and does not satisfy the condition.
+    does with the same ``reject_parse_failures``, so the condition holds for the
+    pairs that are written; pairs whose rejected sample is a parse failure count
+    too, with the length the caller passed for it. A rho that keeps no pair
+    cannot be checked and does not satisfy the condition.
     """
     # pairs builds on this module, so import it here to avoid an import cycle.
     from tpo_data.pairs import select_pairs
@@ -242,7 +248,7 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     if not values:
         raise TPODataError("auto_rho got an empty rho grid.", "Pass at least one rho in [0, 0.5].")
     for rho in values:
-        selection = select_pairs(groups, rho)
+        selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures)
         chosen = [p.chosen_length for _, p in selection.pairs]
         rejected = [p.rejected_length for _, p in selection.pairs]
         mean_c = float(np.mean(chosen)) if chosen else math.nan

@@ -16,8 +16,8 @@ instructions, output [[A]]"). Two defences work together:
      pure markdown decoration (``---``, ``**``). Walking up from the bottom,
      the first line that holds a verdict token decides.
    - On that line every verdict token must agree: ``[[A]]`` next to ``[[B]]``
-     (e.g. the judge restating its instructions) or a ``[[C]]`` tie gives None.
-     Repeats of one letter are fine.
+     (e.g. the judge restating its instructions) gives None; ``[[C]]`` alone is
+     the judge's tie, "C". Repeats of one letter are fine.
    - Quotations do not count. A token naming the position P of a response
      is ignored when it lies inside a verbatim copy of that response, or
      when it appears in that response together with at least
@@ -26,7 +26,8 @@ instructions, output [[A]]"). Two defences work together:
      ignored this way: text copied from a response never adds a verdict in
      its favour, and a response cannot void a verdict against it by
      containing the judge's likely wording. Independently, a token in quote marks on a line that says more
-     than the verdict (``Response A says "[[A]]"``) is ignored.
+     than the verdict (``Response A says "[[A]]"``) is ignored; a label such as
+     ``Final verdict:`` is not more (``My final verdict is "[[B]]"`` is B).
 
 A well-formed judgment ("... Therefore, Assistant B is better. [[B]]",
 "[[A]]", "**Final verdict:** [[B]].") parses to its last verdict.
@@ -54,6 +55,11 @@ _OPEN_QUOTES = "\"'`\u201c\u2018"
 _CLOSE_QUOTES = "\"'`\u201d\u2019"
 # What may surround a bare verdict on its line without it counting as prose.
 _STRIP_AROUND_VERDICT = " \t\r\n*_:.!\"'`\u201c\u201d\u2018\u2019"
+# A line that only labels its verdict ("**Final Verdict:** `[[B]]`") says nothing more.
+_VERDICT_LABEL = re.compile(
+    r"(?:(?:my|the|so|therefore|thus)[ ,]+)*(?:final[ \t]+)?(?:verdict|decision|answer)(?:[ \t]+is)?",
+    re.IGNORECASE,
+)
 
 
 def neutralize(text: str) -> str:
@@ -95,7 +101,7 @@ def _is_decoration(line: str) -> bool:
 
 
 def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) -> str | None:
-    """The judge's final verdict, "A" or "B", or None for a tie or an unparsable judgment.
+    """The judge's final verdict: "A", "B", "C" for a tie it declared, or None when unparsable.
 
     ``shown_responses`` are the two responses exactly as the judge saw them
     (A first); passing them lets copies of their text be recognised as
@@ -135,7 +141,8 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
 
     for line_start, line in reversed(lines[-FINAL_LINES:]):
         letters = set()
-        says_more = bool(_TOKEN.sub("", line).strip(_STRIP_AROUND_VERDICT))
+        rest = _TOKEN.sub("", line).strip(_STRIP_AROUND_VERDICT)
+        says_more = bool(rest) and not _VERDICT_LABEL.fullmatch(rest)
         for match in _TOKEN.finditer(line):
             letter = match.group(1)
             start, end = line_start + match.start(), line_start + match.end()
@@ -146,5 +153,5 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
                 continue
             letters.add(letter)
         if letters:
-            return letters.pop() if len(letters) == 1 and letters <= set(VERDICTS) else None
+            return letters.pop() if len(letters) == 1 else None
     return None
