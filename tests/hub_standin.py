@@ -43,6 +43,8 @@ Faults are injected per route kind (``commit``, ``tag``, ``preupload``,
     "stale-parent"                 (commit) land a foreign commit on the branch first, so the
                                    client's parentCommit is stale and it gets a real 412
     "tag-race"                     (tag) another client creates the same tag first -> real 409
+    "foreign-after"                (preupload) answer, then another client pushes a commit to
+                                   the branch, so what the client learnt about it is stale
 
 ``GET /_standin/state`` returns the state; unknown routes answer 404 and are
 recorded in :attr:`HubStandin.unhandled`.
@@ -87,7 +89,9 @@ GITATTRIBUTES = "".join(
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 FAULT_KINDS = {"commit", "tag", "preupload", "lfs_batch", "lfs_put", "resolve", "refs", "create"}
-_FAULT_RE = re.compile(r"^(5\d\d(-echo-auth)?|drop|drop-after|stale-parent|tag-race)$")
+_FAULT_RE = re.compile(
+    r"^(5\d\d(-echo-auth)?|drop|drop-after|stale-parent|tag-race|foreign-after)$"
+)
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -388,7 +392,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "drop-after":
             self.drop_after = True  # _dispatch drops the answer once the work is done
             return fault
-        if fault is None or fault in ("stale-parent", "tag-race"):
+        if fault is None or fault in ("stale-parent", "tag-race", "foreign-after"):
             return fault
         if fault == "drop":
             raise _Drop
@@ -505,8 +509,13 @@ class _Handler(BaseHTTPRequestHandler):
         if method in ("POST", "PUT", "DELETE") and not self._authorized():
             return _error(401, "Invalid credentials in Authorization header")
         if method == "POST" and action == "preupload" and arg:
-            self._fault("preupload")
-            return self._preupload(repo, arg)
+            fault = self._fault("preupload")
+            response = self._preupload(repo, arg)
+            if fault == "foreign-after":
+                with self.hub.lock:
+                    self.hub._foreign_commit(repo, arg)
+                    self.hub._persist()
+            return response
         if method == "POST" and action == "commit" and arg:
             return self._commit(repo, arg)
         if action == "branch" and arg and method in ("POST", "DELETE"):

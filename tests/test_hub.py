@@ -464,6 +464,82 @@ def test_tag_failures(standin: Backend, fresh_faults: HubStandin, store: LocalSt
     assert fresh_faults.repo(repo).tags["iter-2-b"] != head
 
 
+def test_tag_lands_only_on_a_commit_holding_the_version(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore
+) -> None:
+    """An all-unchanged commit is answered with main's head, whoever put it there."""
+    repo = standin.repo("tpo-main-moved")
+    first = publish(standin, store, "iter-1", repo)
+    assert first["ok"], first
+    # Publishing the same files again (as after a lost answer) while another client pushes.
+    fresh_faults.add_faults("preupload", "foreign-after")
+    moved = publish(standin, store, "iter-1", repo, tag="iter-1-b")
+    assert not moved["ok"]
+    assert "does not hold the local iter-1 (unexpected FOREIGN.md)" in moved["error"]
+    assert "nothing was tagged" in moved["error"] and "How to fix" in moved["error"]
+    assert fresh_faults.repo(repo).tags == {"iter-1": first["commit"]}
+    # Once the other writer is done, the same command tags a commit holding exactly the version.
+    again = publish(standin, store, "iter-1", repo, tag="iter-1-b")
+    assert again["ok"], again
+    tagged = fresh_faults.repo(repo).commits[fresh_faults.repo(repo).tags["iter-1-b"]]
+    assert {p: e.sha256 for p, e in tagged.files.items() if p != ".gitattributes"} == tree_hashes(
+        store.path("iter-1")
+    )
+
+
+HUB_READ = """
+import json, sys, time
+from tpo_data.errors import TPODataError
+from tpo_data.hub import hub_versions, push_iteration
+from tpo_data.store import LocalStore
+
+time.sleep = lambda _s: None  # huggingface_hub's own backoff waits 23 s per failed download
+a = json.loads(sys.argv[1])
+try:
+    if a["call"] == "versions":
+        out = [m["tag"] for m in hub_versions(a["repo"], max_retries=a["max_retries"])]
+    else:
+        out = push_iteration(LocalStore(a["store"]), a["version"], a["repo"],
+                             max_retries=a["max_retries"], backoff=0.01)
+    print(json.dumps({"ok": True, "out": out}))
+except TPODataError as err:
+    print(json.dumps({"ok": False, "error": str(err)}))
+"""
+# HEAD requests one failing hf_hub_download makes: one, then 1 + 5 retries of its own.
+HF_DOWNLOAD_TRIES = 7
+
+
+def test_unreachable_manifest_is_not_a_missing_one(
+    standin: Backend, fresh_faults: HubStandin, store: LocalStore, module_tmp: Path
+) -> None:
+    """A download that cannot reach the Hub is retried, never taken for "no manifest"."""
+    repo = standin.repo("tpo-resolve-faults")
+    published = publish(standin, store, "iter-1", repo)
+    assert published["ok"], published
+
+    def read(call: str, max_retries: int, cache: str) -> dict[str, Any]:
+        # A fresh cache each time: huggingface_hub falls back to a cached manifest when offline.
+        env = {**standin.env, "HF_HOME": str(module_tmp / cache)}
+        args = {"call": call, "repo": repo, "store": str(store.root), "version": "iter-1"}
+        args["max_retries"] = max_retries
+        result = run_client(standin, ["-c", HUB_READ], args, env=env)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    # The Hub fails for one whole download, then recovers: the tag is still listed.
+    fresh_faults.add_faults("resolve", *["503"] * HF_DOWNLOAD_TRIES)
+    assert read("versions", 1, "hf_home_resolve_a") == {"ok": True, "out": ["iter-1"]}
+
+    # It keeps failing: a connectivity error, no claim that the tag holds other data.
+    fresh_faults.add_faults("resolve", *["503"] * (2 * HF_DOWNLOAD_TRIES))
+    failed = read("push", 1, "hf_home_resolve_b")
+    assert not failed["ok"]
+    assert f"could not download manifest.json of {repo}@{published['commit']}" in failed["error"]
+    assert "the Hub could not be reached" in failed["error"]
+    assert "holds different data" not in failed["error"] and "delete" not in failed["error"]
+    assert fresh_faults.repo(repo).tags == {"iter-1": published["commit"]}
+    assert len(fresh_faults.history(repo)) == 2
+
+
 def test_missing_token_is_a_clear_error(
     standin: Backend, store: LocalStore, module_tmp: Path
 ) -> None:

@@ -236,12 +236,71 @@ def test_invalid_version_names(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "rel", ["../evil.txt", "/etc/evil", "README.md", "manifest.json", "data/pairs/x.parquet"]
+    "rel",
+    [
+        "../evil.txt",
+        "/etc/evil",
+        "README.md",
+        "manifest.json",
+        "data/pairs/x.parquet",
+        "./README.md",
+        "README.md/",
+        "./manifest.json",
+        "plots/../README.md",
+        "./data/pairs/x.parquet",
+    ],
 )
 def test_extra_files_cannot_escape_or_shadow(tmp_path: Path, rel: str) -> None:
     with pytest.raises(TPODataError, match="not allowed"):
         LocalStore(tmp_path).write_version("v1", {}, {}, "card", {rel: b"x"})
     assert not (tmp_path / "v1").exists()
+
+
+def test_writer_losing_the_rename_race_gets_a_clear_error(tmp_path: Path) -> None:
+    """Another writer renames its folder into place after this writer's last check."""
+
+    class RacedStore(LocalStore):
+        checks = 0
+
+        def check_new(self, version: str) -> None:
+            super().check_new(version)
+            self.checks += 1
+            if self.checks == 3:  # write_iteration, write_version, then the one before the rename
+                write_test_iteration(LocalStore(self.root), 2, version)
+
+    store = RacedStore(tmp_path / "store")
+    with pytest.raises(TPODataError, match="version iter-1 already exists") as err:
+        write_test_iteration(store, 1)
+    assert "--version_name" in str(err.value)
+    store.verify("iter-1")
+    assert store.manifest("iter-1")["iteration"] == 2  # the winner's data, untouched
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ({"responses": [{"label": "no"}]}, "has no instruction_id"),
+        ({"instruction_id": "it1-q1", "responses": [{"label": "Yes"}]}, "has the label 'Yes'"),
+        ({"instruction_id": "it1-q1", "responses": {"label": "no"}}, "has responses that are not"),
+        ("it1-q1", "is not an object"),
+    ],
+)
+def test_argilla_apply_refuses_malformed_review_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: Any, problem: str
+) -> None:
+    """A hand-edited reviews file names the file, the entry and the fix (no server needed)."""
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1)
+    reviews = tmp_path / "reviews.json"
+    good = {"instruction_id": "it1-q2", "responses": [{"reviewer": "ann", "label": "yes"}]}
+    reviews.write_text(json.dumps({"version": "iter-1", "reviews": [good, entry]}))
+    args = ["argilla", "apply", "iter-1", "--store", str(store.root), "--reviews", str(reviews)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"entry reviews[1] in {reviews} {problem}" in err
+    assert "How to fix: correct" in err and "pull the answers again" in err
+    assert [m["version"] for m in store.versions()] == ["iter-1"]  # nothing written
 
 
 def test_failure_mid_write_leaves_no_visible_version(

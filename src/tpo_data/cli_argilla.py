@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,25 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         "missing_ids": reviews.missing_ids,
         "reviews": list(reviews),
     }
-    out.write_text(scrub(json.dumps(document, indent=2, sort_keys=True)) + "\n", encoding="utf-8")
+    _write_atomic(out, scrub(json.dumps(document, indent=2, sort_keys=True)) + "\n")
     c = reviews.counts
     print(f"{c['reviewed']} reviewed, {c['not_reviewed']} not reviewed, {c['missing']} missing from Argilla "
           f"(of {c['pairs']} pairs); wrote {out}")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step, so a crash mid-write keeps the reviews pulled before."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -157,7 +172,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "apply it to the version it was pulled for, or pass the right --reviews",
         )
     store = LocalStore(args.store)
-    new = apply_reviews(store, args.version, reviews, on_no=args.on_no, new_version=args.new_version)
+    new = apply_reviews(
+        store, args.version, reviews, on_no=args.on_no, new_version=args.new_version, source=str(path)
+    )
     c = store.manifest(new)["curation"]
     agreement = "n/a" if c["agreement"] is None else f"{c['agreement']:.1%}"
     dropped = c["dropped_no"] + c["dropped_tie"] + c["dropped_flagged"]

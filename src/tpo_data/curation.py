@@ -36,6 +36,7 @@ the key is never put in a message, log or file (everything passes through
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import warnings
@@ -512,6 +513,39 @@ def flip_pair(row: Mapping[str, Any]) -> dict[str, Any]:
     return flipped
 
 
+def _review_problem(review: Any) -> str | None:
+    """What makes one reviews entry unusable, or None if it is well formed."""
+    if not isinstance(review, Mapping):
+        return "is not an object"
+    if not isinstance(review.get("instruction_id"), (str, int)):
+        return "has no instruction_id"
+    responses = review.get("responses") or []
+    if not isinstance(responses, list) or not all(isinstance(r, Mapping) for r in responses):
+        return "has responses that are not a list of objects"
+    for response in responses:
+        if response.get("label") not in (*LABELS, None):
+            return f"has the label {response.get('label')!r}, not one of {', '.join(LABELS)}"
+        if not isinstance(response.get("flags") or [], list):
+            return "has flags that are not a list"
+    return None
+
+
+def _check_reviews(reviews: Any, source: str) -> None:
+    """Refuse reviews that are not shaped like :func:`pull_reviews`' (a hand edit gone wrong)."""
+    fix = (
+        f"correct {source}: every entry is "
+        '{"instruction_id": "...", "responses": [{"label": "yes|no|tie", "flags": [...]}]}; '
+        "or pull the answers again"
+    )
+    if not isinstance(reviews, (list, tuple)):
+        raise TPODataError(f"the reviews in {source} are not a list", fix)
+    for n, review in enumerate(reviews):
+        problem = _review_problem(review)
+        if problem:
+            excerpt = json.dumps(review, default=str)[:200]
+            raise TPODataError(f"entry reviews[{n}] in {source} {problem}: {excerpt}", fix)
+
+
 def apply_reviews(
     store: LocalStore,
     version: str,
@@ -519,17 +553,20 @@ def apply_reviews(
     *,
     on_no: str = "flip",
     new_version: str | None = None,
+    source: str = "the reviews",
 ) -> str:
     """Write the curated copy of ``version`` as a new version and return its name.
 
     ``reviews`` is what :func:`pull_reviews` returns (or the ``reviews`` list of
-    the JSON that ``tpo-data argilla pull`` writes). Every config other than
+    the JSON that ``tpo-data argilla pull`` writes), checked by :func:`_check_reviews`;
+    ``source`` names where they came from in its errors. Every config other than
     ``pairs`` is copied unchanged.
     """
     import datasets
 
     if on_no not in ON_NO:
         raise TPODataError(f"unknown on_no {on_no!r}", f"use one of: {', '.join(ON_NO)}")
+    _check_reviews(reviews, source)
     new_version = new_version or f"{version}-curated"
     store.check_new(new_version)
     parent = store.manifest(version)

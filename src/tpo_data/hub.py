@@ -11,10 +11,12 @@ created on the returned commit sha, never on ``main``, so
 Failure rules: an existing tag is refused before anything is uploaded; 5xx and
 dropped connections are retried with exponential backoff; a stale parent (HTTP
 412) is retried against the fresh ``main``; the tag is only created after the
-commit succeeded; the local version is only read. Retrying a commit whose answer
-was lost is safe: the retry sees identical files on ``main`` and tags that commit
-instead of making a duplicate. Tokens never reach messages: every error text
-passes through :func:`tpo_data.secrets.scrub`.
+commit succeeded and only on a commit that holds exactly the local files; the
+local version is only read. Retrying a commit whose answer was lost is safe: the
+retry sees identical files on ``main`` and tags that commit instead of making a
+duplicate (huggingface_hub then answers with whatever ``main`` is, which is why
+the files of the commit are checked before tagging). Tokens never reach messages:
+every error text passes through :func:`tpo_data.secrets.scrub`.
 
 The pipeline's ``--push_to_hub`` goes through :func:`check_push_to_hub` (before any
 generation: a token, a valid repo id, a judge) and :func:`push_iteration`, which calls
@@ -24,6 +26,7 @@ finished, published iteration pushes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -146,12 +149,20 @@ def _retrying(
 
 
 def _hub_error(err: BaseException, what: str, fix: str | None = None) -> TPODataError:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if isinstance(err, TPODataError):
         return err
     status = _first_status(err)
     if fix is None:
         if status in (401, 403):
             fix = "check that HF_TOKEN (or `hf auth login`) has write access to this repo"
+        elif isinstance(err, LocalEntryNotFoundError):
+            # huggingface_hub's way of saying the download could not reach the Hub at all.
+            fix = (
+                "the Hub could not be reached (network, proxy, SSL or HF_ENDPOINT); "
+                "check the connection and run the same command again"
+            )
         elif _is_transient(err):
             fix = "the Hub or the network is failing; wait and run the same command again"
         else:
@@ -258,6 +269,39 @@ def _commit_version(
     raise AssertionError("unreachable")
 
 
+def _git_blob_oid(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _commit_differences(
+    api: Any, repo_id: str, commit: str, folder: Path, files: list[str], sums: dict[str, str]
+) -> list[str]:
+    """How the files at ``commit`` differ from the local ``files`` (sha256 ``sums``); [] if none."""
+    from huggingface_hub.hf_api import RepoFile
+
+    remote = {
+        entry.path: entry
+        for entry in api.list_repo_tree(
+            repo_id, revision=commit, recursive=True, repo_type=REPO_TYPE
+        )
+        if isinstance(entry, RepoFile)
+    }
+    problems = [f"missing {rel}" for rel in files if rel not in remote]
+    problems += [f"unexpected {rel}" for rel in sorted(remote.keys() - set(files) - _KEEP_REMOTE)]
+    for rel in (rel for rel in files if rel in remote):
+        entry = remote[rel]
+        # The Hub gives the sha256 of LFS files and the git blob id of the others.
+        same = (
+            entry.lfs.sha256 == sums[rel]
+            if entry.lfs
+            else entry.blob_id == _git_blob_oid(folder / rel)
+        )
+        if not same:
+            problems.append(f"changed {rel}")
+    return problems
+
+
 class _TagConflict(Exception):
     """HTTP 409 from the tag endpoint: the tag exists (maybe from our own lost request)."""
 
@@ -348,6 +392,25 @@ def publish_version(
         )
     )
     commit = _commit_version(api, repo_id, folder, files, message, description, **retry)
+    # An all-unchanged commit (a retry after a lost answer) is answered with main's head at
+    # that moment, which a concurrent writer may have moved: tag only a commit holding our files.
+    sums = {rel: info["sha256"] for rel, info in manifest["files"].items()}
+    sums[MANIFEST] = sha256_file(folder / MANIFEST)
+    differences = _retrying(
+        lambda: _commit_differences(api, repo_id, commit, folder, files, sums),
+        f"read the files of commit {commit[:12]} of {repo_id}",
+        **retry,
+        fix="nothing was tagged and the local version is intact; "
+        "run the same `tpo-data publish` command again (files already uploaded are reused)",
+    )
+    if differences:
+        raise TPODataError(
+            f"commit {commit[:12]} that {repo_id} returned for the upload does not hold the local "
+            f"{version} ({'; '.join(differences[:5])}): another client pushed to main meanwhile; "
+            "nothing was tagged and the local version is intact",
+            f"run the same `tpo-data publish` command again once nobody else pushes to {repo_id} "
+            "(files already uploaded are reused)",
+        )
     _create_tag(api, repo_id, tag_name, commit, message, **retry)
     logger.info("published %s to %s at commit %s, tag %s", version, repo_id, commit, tag_name)
     return commit
@@ -362,7 +425,7 @@ def hub_manifest(
 ) -> dict[str, Any]:
     """The manifest of a published revision (tag, branch or commit) with ``manifest_sha256``."""
     from huggingface_hub.errors import (
-        EntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -374,9 +437,12 @@ def hub_manifest(
             f"download {MANIFEST} of {repo_id}@{revision}",
             max_retries=max_retries,
             backoff=1.0,
-            passthrough=(RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError),
+            # Only the Hub's own 404s mean "no manifest"; LocalEntryNotFoundError (the other
+            # EntryNotFoundError) means the Hub could not be reached: retried if its cause is
+            # transient, else reported as a connectivity error.
+            passthrough=(RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError),
         )
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as err:
         raise NoManifestError(
             f"{repo_id}@{revision} has no tpo-data manifest ({type(err).__name__})",
             f"check the repo id and the version name (`tpo-data versions --repo {repo_id}`)",

@@ -143,7 +143,8 @@ def _safe_relative(rel: str) -> str:
         posix.is_absolute()
         or ".." in posix.parts
         or not posix.parts
-        or rel in _RESERVED
+        # Normalised, so "./README.md" or "README.md/" cannot replace the card either.
+        or posix.as_posix() in _RESERVED
         or posix.parts[0] == "data"
     ):
         raise TPODataError(
@@ -259,7 +260,12 @@ class LocalStore:
             _fsync_tree(tmp)
             # A concurrent writer may have won while this one was building.
             self.check_new(version)
-            os.rename(tmp, self.root / version)
+            try:
+                os.rename(tmp, self.root / version)
+            except OSError:
+                # ... or between that check and the rename (ENOTEMPTY/EEXIST).
+                self.check_new(version)
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
