@@ -50,6 +50,8 @@ def test_win_rate_and_interval():
     assert w.as_dict()["ties"] == 1
     empty = win_rate([])
     assert empty.n == 0 and math.isnan(empty.rate)
+    single = win_rate([1.0])  # no spread to estimate from one instruction
+    assert single.rate == 1.0 and math.isnan(single.ci95)
 
 
 def test_by_category():

@@ -88,8 +88,8 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
     scorer = RewardModelScorer(str(rm))
 
     def shown(name):
-        rows = [json.loads(line) for line in
-                (out / "eval" / "outputs" / name / "generations.jsonl").read_text().splitlines()]
+        (ledger,) = (out / "eval" / "outputs").glob(f"{name}-*/generations.jsonl")
+        rows = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert [r["id"] for r in rows] == report["holdout_ids"]
         return [r["instruction"] for r in rows], [
             shown_response(r["generation"][0], r["responses"][0], r["parsed"][0]) for r in rows]
@@ -127,6 +127,23 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
                                                    out / "eval" / "judgments.jsonl")}
     loop_main(_args(tiny_lm, rm, out, "--iterations", "2"))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+    from tpo_data.loop import eval_main
+
+    eval_args = ["--config", RECIPE, "--output_dir", str(out), "--thought_prompt", "direct",
+                 "--judge", "reward_model", "--judge_model", str(rm)]
+    # A name that now means another model answers afresh: M1 named for M2's folder gets
+    # M2's answers and outcomes, not the old M1 answers saved under that name.
+    again = eval_main([*eval_args, "--eval_size", "4", "--eval_models", f"M0={tiny_lm}", f"M1={m2}"])
+    assert again["comparisons"][0]["outcomes"] == report["comparisons"][1]["outcomes"]
+    assert shown("M0")[1] == base
+    m1_folders = sorted((out / "eval" / "outputs").glob("M1-*"))
+    answered = [[json.loads(line)["responses"][0] for line in (f / "generations.jsonl").open()]
+                for f in m1_folders]
+    assert len(m1_folders) == 2 and shown("M2")[1] in answered
+    # Other slicing flags than the loop's would evaluate on trained instructions: refused.
+    with pytest.raises(TPODataError, match=r"held-out instructions were trained on .*slices\.json"):
+        eval_main([*eval_args, "--model", str(tiny_lm), "--holdout_size", "300"])
 
 
 def test_loop_needs_a_judge_and_iterations(tiny_lm, tmp_path):
@@ -203,3 +220,20 @@ def test_direct_baseline_loop(tiny_lm, tmp_path):
     assert [(c["model"], c["reference"]) for c in report["comparisons"]] == [
         ("M1", "M0"), ("M0", "direct"), ("M1", "direct")]
     assert all(c["overall"]["n"] == 2 for c in report["comparisons"])
+
+
+def test_training_resumes_from_the_last_complete_checkpoint(tmp_path):
+    from tpo_data.loop import LoopArguments, train_command
+
+    out = tmp_path / "models" / "iter-1"
+    for step, complete in ((2, True), (10, True), (12, False)):  # 12: killed mid-save
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    cmd = train_command(LoopArguments(), tmp_path / "store", "iter-1", "embedded", out)
+    assert cmd[cmd.index("--resume_from_checkpoint") + 1] == str(out / "checkpoint-10")
+    # Only an incomplete one: start over in the folder rather than resume from it.
+    for step in (2, 10):
+        (out / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    cmd = train_command(LoopArguments(), tmp_path / "store", "iter-1", "embedded", out)
+    assert "--resume_from_checkpoint" not in cmd and "--overwrite_output_dir" in cmd

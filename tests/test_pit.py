@@ -487,3 +487,21 @@ def test_train_layers_freezes_all_but_the_top(tiny_lm):
     assert not any(p.requires_grad for p in rm.model.embed_tokens.parameters())
     with pytest.raises(TPODataError, match="exceeds"):
         freeze_lower_layers(AutoModelForCausalLM.from_pretrained(tiny_lm), 3)
+
+
+def test_split_keeps_every_row_of_a_test_instruction_out_of_training():
+    from tpo_data.pit_data import split_rows
+
+    # 10 prompts with 1-6 pairs each, as in preference sets with several pairs per prompt.
+    rows = [{"id": f"{p}-{j}", "instruction": f"prompt {p}"} for p in range(10) for j in range(1 + p % 6)]
+    for seed in range(5):
+        train, test = split_rows(rows, 8, seed)
+        assert len(train) + len(test) == len(rows) and len(test) >= 8
+        test_prompts = {r["instruction"] for r in test}
+        assert not test_prompts & {r["instruction"] for r in train}
+        # Minimal: without its last instruction the test set would be under 8 rows.
+        assert len(test) - max(sum(r["instruction"] == p for r in test) for p in test_prompts) < 8
+    assert split_rows(rows, 8, 0) != split_rows(rows, 8, 1)
+    # At least one instruction always stays for training.
+    train, test = split_rows(rows, 1000, 0)
+    assert len({r["instruction"] for r in train}) == 1 and len(test) == len(rows) - len(train)

@@ -50,7 +50,8 @@ def win_rate(outcomes: Sequence[float]) -> WinRate:
     if n == 0:
         return WinRate(math.nan, 0, math.nan, 0, 0)
     mean = sum(outcomes) / n
-    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.0
+    # One instruction gives no spread to estimate: the interval is unknown, not zero.
+    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else math.nan
     return WinRate(mean, n, 1.96 * math.sqrt(var / n), sum(o == 1.0 for o in outcomes),
                    sum(o == 0.0 for o in outcomes))
 

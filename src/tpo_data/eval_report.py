@@ -47,7 +47,7 @@ def markdown(report: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|"]
     for c in report["comparisons"]:
         w = c["overall"]
-        ci = "-" if w["n"] == 0 else f"± {w['ci95']:.1%}"
+        ci = "-" if w["n"] < 2 else f"± {w['ci95']:.1%}"
         lines.append(f"| {c['model']} | {c['reference']} | {_pct(w['win_rate'])} | {ci} | "
                      f"{w['wins']} | {w['losses']} | {w['n']} |")
     if report["comparisons"]:

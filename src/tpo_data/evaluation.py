@@ -12,8 +12,12 @@ verdicts count as half (:mod:`tpo_data.eval_metrics`).
 Also reported per model: parse rate (format adherence) and mean thought and
 response length. Output in ``--eval_dir`` (default ``<output_dir>/eval``):
 ``report.json``, ``report.md``, ``win_rate.png``, ``lengths.png``,
-``categories.png``; each model's answers in ``outputs/<name>/``. Answers and
-judgments are saved as they come, so a rerun redoes nothing.
+``categories.png``; each model's answers in ``outputs/<name>-<answerer>/``,
+where ``<answerer>`` fingerprints the model folder (path and weight files),
+its thought prompt and the sampling settings, so a name that now means another
+model (the baseline after more iterations, a retrained M_t) answers afresh
+instead of reusing old answers. Answers and judgments are saved as they come,
+so a rerun redoes nothing.
 
 Models default to the loop's: M0 is ``--model``, M_t is
 ``<output_dir>/models/iter-t`` and the baseline is the last model of the
@@ -34,7 +38,12 @@ from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
 from tpo_data.errors import TPODataError
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
 from tpo_data.eval_report import position_note, write_report
-from tpo_data.instructions import InstructionArguments, load_instructions, select_holdout_rows
+from tpo_data.instructions import (
+    InstructionArguments,
+    SliceLedger,
+    load_instructions,
+    select_holdout_rows,
+)
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
 from tpo_data.models import resolve_model
 from tpo_data.pipeline import GenerationLedger, RunArguments, generate_samples, start_endpoint
@@ -114,7 +123,10 @@ def resolve_models(args: EvalArguments, run: RunArguments, engine: EngineArgumen
     return models
 
 
-def holdout_rows(instructions: InstructionArguments, size: int) -> list[dict]:
+def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str | Path) -> list[dict]:
+    """The held-out rows, checked against the loops' slice ledgers: none was trained on."""
+    from tpo_data.loop import baseline_dir
+
     if instructions.holdout_size < 1:
         raise TPODataError(
             "The recipe holds out no instructions (--holdout_size 0), so nothing is left to "
@@ -122,7 +134,33 @@ def holdout_rows(instructions: InstructionArguments, size: int) -> list[dict]:
             "Set --holdout_size (the built-in recipes hold out 40) before the first iteration.",
         )
     rows = select_holdout_rows(load_instructions(instructions), instructions)
-    return rows[:size] if size else rows
+    rows = rows[:size] if size else rows
+    # The holdout is recomputed from the flags: other flags than the loop's would move
+    # trained instructions into it.
+    for ledger_path in (Path(output_dir) / "slices.json", baseline_dir(output_dir) / "slices.json"):
+        if not ledger_path.is_file():
+            continue
+        trained = [r["id"] for r in rows if r["id"] in SliceLedger(ledger_path).used_ids()]
+        if trained:
+            raise TPODataError(
+                f"{len(trained)} of the {len(rows)} held-out instructions were trained on "
+                f"(recorded in {ledger_path}; first: {', '.join(map(repr, trained[:3]))}).",
+                "Evaluate with the instruction flags the loop ran with (--instructions, "
+                "--holdout_size, --slice_seed, columns; the ledger's 'source' lists them).",
+            )
+    return rows
+
+
+def _answerer(path: str, prompt: str, sampling: SamplingArguments) -> str:
+    """A short fingerprint of what answers: model folder and weight files, prompt, sampling."""
+    folder = Path(path)
+    weights = sorted(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*")
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+    ) if folder.is_dir() else []
+    what = [str(folder.resolve()) if folder.exists() else path, weights, prompt,
+            sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
 
 def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArguments,
@@ -132,7 +170,7 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
 
     A model that the judge's vLLM server serves anyway answers through that server.
     """
-    out_dir = folder / "outputs" / model.name
+    out_dir = folder / "outputs" / f"{model.name}-{_answerer(path, model.prompt, sampling)}"
     pending = any(not GenerationLedger(out_dir / "generations.jsonl").finished(r["id"], False)
                   for r in rows)
     if pending:
@@ -243,7 +281,7 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
         raise TPODataError("The evaluation needs a judge, and the recipe sets --judge none.",
                            "Pass --judge pairwise (an LLM judge) or --judge reward_model.")
     models = resolve_models(args, run, engine)
-    rows = holdout_rows(instructions, args.eval_size)
+    rows = holdout_rows(instructions, args.eval_size, run.output_dir)
     folder = Path(args.eval_dir) if args.eval_dir else Path(run.output_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     # One sample per instruction: as many instructions per batch as the loop has samples in flight.
@@ -330,7 +368,7 @@ def format_summary(report: dict[str, Any]) -> str:
     for c in report["comparisons"]:
         w = c["overall"]
         lines.append(f"Win rate {c['model']} vs {c['reference']}: {w['win_rate']:.1%} "
-                     f"(± {w['ci95']:.1%}, n={w['n']})")
+                     + (f"(± {w['ci95']:.1%}, n={w['n']})" if w["n"] > 1 else f"(n={w['n']})"))
     if note := position_note(report["judge"]):
         lines.append(note)
     lines.append(f"Report: {Path(report['report_dir']) / 'report.md'} (plots beside it)")

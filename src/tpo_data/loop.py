@@ -129,8 +129,10 @@ def train_command(loop: LoopArguments, store: Path, version: str, parent: str, o
     cmd = [*launcher, "-m", "tpo_data.cli", "train", "--config", loop.train_config,
            "--dataset_store", str(store), "--dataset_version", version, "--model", parent,
            "--output_dir", str(out)]
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
+    # Complete checkpoints only: the Trainer writes trainer_state.json last, so a kill
+    # mid-save leaves a folder without it, and resuming from that would fail every rerun.
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     if checkpoints:
         cmd += ["--resume_from_checkpoint", str(checkpoints[-1])]
     elif out.is_dir() and any(out.iterdir()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ class PITPipelineArguments:
     preferences_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
     preferences_split: str = field(default="train", metadata={"help": "Hub dataset split."})
     max_preferences: int | None = field(default=None, metadata={"help": "Read at most this many preference rows."})
-    holdout_size: int = field(default=16, metadata={"help": "Improvement rows held out as the 'test' config."})
+    holdout_size: int = field(default=16, metadata={
+        "help": "Improvement rows held out as the 'test' config (whole instructions: a few more "
+                "where an instruction has several rows)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
     stage: str = field(
         default="all",
@@ -122,12 +125,23 @@ def read_preferences(args: PITPipelineArguments) -> tuple[list[dict[str, Any]], 
 
 
 def split_rows(rows: list[dict], holdout_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test): the test rows are the ``holdout_size`` rows with the smallest seeded hash of their id."""
-    def key(row: dict) -> str:
-        return hashlib.sha256(f"{seed}\x00{row['id']}".encode()).hexdigest()
+    """(train, test) split by instruction, so no test instruction is trained on.
 
-    held = {r["id"] for r in sorted(rows, key=key)[: max(0, min(holdout_size, len(rows) - 1))]}
-    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
+    Whole instructions go to test, smallest seeded hash of their text first, until it
+    holds at least ``holdout_size`` rows (preference sets often have several pairs per
+    prompt); at least one instruction stays for training.
+    """
+    def key(instruction: str) -> str:
+        return hashlib.sha256(f"{seed}\x00{instruction}".encode()).hexdigest()
+
+    per_instruction = Counter(r["instruction"] for r in rows)
+    held: set[str] = set()
+    for instruction in sorted(per_instruction, key=key)[:-1]:
+        if sum(per_instruction[i] for i in held) >= holdout_size:
+            break
+        held.add(instruction)
+    return ([r for r in rows if r["instruction"] not in held],
+            [r for r in rows if r["instruction"] in held])
 
 
 def _features(refs: bool):

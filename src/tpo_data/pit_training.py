@@ -408,6 +408,9 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
                                      config.gradient_checkpointing)
     if stage.kl_reference:
         policy.config._name_or_path = model_path(stage.kl_reference, "--kl_reference")
+    elif stage.round == 2 and config.beta:
+        log.warning("RL round 2 without --kl_reference: the KL term anchors to %s (the round-1 "
+                    "policy), not to the SFT model as in the paper; pass --kl_reference SFT_MODEL.", path)
     log.info("RL round %d on %d rows of %s (beta=%s)", stage.round, ds.num_rows, version, config.beta)
     trainer = RLOOTrainer(model=policy, reward_funcs=gap_reward_function(reward_model), args=config,
                           train_dataset=ds, processing_class=load_tokenizer(path))
