@@ -115,6 +115,14 @@ def test_equal_judge_scores_never_pair_by_length_alone(rho):
     assert isinstance(select_pair([0.5, 0.5, 0.6], [100, 300, 200], [True] * 3, rho=rho), PairChoice)
 
 
+def test_length_breaks_ties_when_asked():
+    pair = select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.1, length_breaks_ties=True)
+    assert (pair.chosen, pair.rejected) == (0, 1)  # shortest chosen, longest rejected
+    # Without length control nothing separates them.
+    assert select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.0,
+                       length_breaks_ties=True) == Drop(DROP_ALL_EQUAL)
+
+
 def test_all_equal_but_a_parse_failure_gives_a_pair():
     pair = select_pair([0.5, 0.5, NAN], [1, 1, 1], [True, True, False], rho=0.0)
     assert (pair.chosen, pair.rejected) == (0, 2)

@@ -305,13 +305,14 @@ group_strategy = st.integers(2, 6).flatmap(
 )
 
 
-@given(st.lists(group_strategy, min_size=1, max_size=6), st.booleans())
+@given(st.lists(group_strategy, min_size=1, max_size=6), st.booleans(), st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures):
-    result = auto_rho(groups, reject_parse_failures=reject_failures)
+def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures, length_ties):
+    options = {"reject_parse_failures": reject_failures, "length_breaks_ties": length_ties}
+    result = auto_rho(groups, **options)
 
     def holds(rho):
-        pairs = select_pairs(groups, rho, reject_parse_failures=reject_failures).pairs
+        pairs = select_pairs(groups, rho, **options).pairs
         return bool(pairs) and np.mean([p.chosen_length for _, p in pairs]) <= np.mean(
             [p.rejected_length for _, p in pairs]
         )

@@ -148,6 +148,12 @@ class JudgeArguments:
         default=True,
         metadata={"help": "Use a parse failure as the rejected sample when there is one."},
     )
+    length_breaks_ties: bool = field(
+        default=False,
+        metadata={"help": "When the judge scores every valid sample of an instruction the same (e.g. "
+                  "a position-biased judge whose two orders cancel), let length control alone pick "
+                  "the pair (shorter chosen; needs rho > 0) instead of dropping it (all_equal)."},
+    )
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGES:

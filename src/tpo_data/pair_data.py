@@ -81,10 +81,11 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
         )
     groups = [(_scores(r), sample_lengths(r), r["parsed"]) for r in rows]
     fixed = judge.rho_value()
-    auto = None if fixed is not None else auto_rho(
-        groups, reject_parse_failures=judge.reject_parse_failures)
+    options = {"reject_parse_failures": judge.reject_parse_failures,
+               "length_breaks_ties": judge.length_breaks_ties}
+    auto = None if fixed is not None else auto_rho(groups, **options)
     rho = fixed if auto is None else auto.rho
-    selection = select_pairs(groups, rho, reject_parse_failures=judge.reject_parse_failures)
+    selection = select_pairs(groups, rho, **options)
 
     pairs = []
     for index, choice in selection.pairs:

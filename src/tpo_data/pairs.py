@@ -16,8 +16,9 @@ Rules (METHOD.md 1.5-1.6, and our choices where the paper is silent):
   ``single_sample`` (K = 1), ``non_finite_score`` (a valid sample has a
   NaN/inf score: the judge misbehaved on this instruction),
   ``no_valid_candidate`` (nothing parsed), ``all_equal`` (the judge scored
-  every valid sample the same and there is no parse failure to reject: length
-  control alone must not make a pair), ``single_valid``
+  every valid sample the same and there is no parse failure to reject; with
+  ``length_breaks_ties`` length control alone may still separate them, else
+  they are dropped), ``single_valid``
   (one valid sample and parse failures are not rejected).
 """
 
@@ -79,6 +80,7 @@ def select_pair(
     rho: float,
     *,
     reject_parse_failures: bool = True,
+    length_breaks_ties: bool = False,
 ) -> PairChoice | Drop:
     """Pick chosen and rejected among one instruction's samples (rules in the module docstring).
 
@@ -115,7 +117,7 @@ def select_pair(
     gap: float | None = None
     if failures.size:
         rejected = int(failures[0])
-    elif no_spread(sc[valid]) or np.ptp(s) <= _EQUAL_ATOL:
+    elif (no_spread(sc[valid]) and not length_breaks_ties) or np.ptp(s) <= _EQUAL_ATOL:
         return Drop(DROP_ALL_EQUAL)
     else:
         worst = int(np.argmin(s))
@@ -152,7 +154,8 @@ class Selection:
     n_parsed: int
 
 
-def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: bool = True) -> Selection:
+def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: bool = True,
+                 length_breaks_ties: bool = False) -> Selection:
     """Run :func:`select_pair` on every ``(scores, lengths, parsed)`` group."""
     rho = validate_rho(rho)
     pairs: list[tuple[int, PairChoice]] = []
@@ -162,7 +165,8 @@ def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: 
         mask = np.asarray(parsed, dtype=bool)
         n_samples += mask.size
         n_parsed += int(mask.sum())
-        choice = select_pair(scores, lengths, mask, rho, reject_parse_failures=reject_parse_failures)
+        choice = select_pair(scores, lengths, mask, rho, reject_parse_failures=reject_parse_failures,
+                             length_breaks_ties=length_breaks_ties)
         if isinstance(choice, Drop):
             dropped.append((i, choice.reason))
         else:

@@ -231,12 +231,12 @@ class AutoRho:
 
 
 def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAULT_RHO_GRID, *,
-             reject_parse_failures: bool = True) -> AutoRho:
+             reject_parse_failures: bool = True, length_breaks_ties: bool = False) -> AutoRho:
     """Smallest rho in ``grid`` whose pairs have mean chosen length <= mean rejected length.
 
     ``groups`` holds one ``(scores, lengths, valid_mask)`` per instruction
     (valid = parsed). Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
-    does with the same ``reject_parse_failures``, so the condition holds for the
+    does with the same options, so the condition holds for the
     pairs that are written; pairs whose rejected sample is a parse failure count
     too, with the length the caller passed for it. A rho that keeps no pair
     cannot be checked and does not satisfy the condition.
@@ -248,7 +248,8 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     if not values:
         raise TPODataError("auto_rho got an empty rho grid.", "Pass at least one rho in [0, 0.5].")
     for rho in values:
-        selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures)
+        selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures,
+                                 length_breaks_ties=length_breaks_ties)
         chosen = [p.chosen_length for _, p in selection.pairs]
         rejected = [p.rejected_length for _, p in selection.pairs]
         mean_c = float(np.mean(chosen)) if chosen else math.nan
