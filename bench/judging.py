@@ -19,8 +19,10 @@ has one fixed verdict (a greedy, temperature-0 judge answers the same prompt
 the same way); --resample draws every call afresh (a sampling judge).
 
 For every instruction it runs the paper's full round robin (K(K-1) calls,
-Bradley-Terry fit, argmax/argmin) and tpo_data.tournament (bracket
-best/worst, and a Bradley-Terry fit on the tournament's own judgments), and
+Bradley-Terry fit, argmax/argmin) and tpo_data.tournament's schedule. Row
+"tournament" is what ``--judge_mode tournament`` picks (a Bradley-Terry fit on
+the tournament's own judgments, argmax/argmin; rho 0), and the bar is measured
+on it; row "bracket" is the bracket's own best/worst, for comparison. It
 reports calls per instruction, agreement with the round robin on (chosen,
 rejected) (both must match), agreement with the true best/worst, and the
 share of the true best-worst strength gap the selected pair captures. A
@@ -219,7 +221,7 @@ def _simulate(
             "instructions": m,
             "samples": oracle_samples,
             "calls": budget,
-            "tournament_agree_rr_pair": float(np.mean(np.all(bracket[:m] == rr[:m], axis=1))),
+            "tournament_agree_rr_pair": float(np.mean(np.all(tour_bt[:m] == rr[:m], axis=1))),
             "tournament_verdicts_agree_rr_pair": agreement(lambda i: [(a, b) for a, b, _ in tours[i].judgments]),
             "oracle_calls_agree_rr_pair": agreement(lambda i: _oracle_calls(strengths[i], budget)),
         }
@@ -231,8 +233,8 @@ def _simulate(
         "rows": {
             "round robin": row(rr_calls, rr),
             "RR rerun": row(rr_calls, rerun),
-            "tournament": row(tour_calls, bracket),
-            "tournament+BT": row(tour_calls, tour_bt),
+            "tournament": row(tour_calls, tour_bt),
+            "bracket": row(tour_calls, bracket),
         },
     }
 
@@ -264,10 +266,10 @@ def tournament_report(args: argparse.Namespace) -> dict[str, Any]:
                 "rr_agree_true_pair": sim["rows"]["round robin"]["agree_true_pair"],
                 "rr_rerun_agree_pair": sim["rows"]["RR rerun"]["agree_rr_pair"],
                 "tournament_agree_rr_pair": sim["rows"]["tournament"]["agree_rr_pair"],
-                "tournament_bt_agree_rr_pair": sim["rows"]["tournament+BT"]["agree_rr_pair"],
+                "bracket_agree_rr_pair": sim["rows"]["bracket"]["agree_rr_pair"],
             }
         )
-    bracket = main_run["rows"]["tournament"]
+    shipped = main_run["rows"]["tournament"]
     return {
         "config": config,
         **main_run,
@@ -275,8 +277,8 @@ def tournament_report(args: argparse.Namespace) -> dict[str, Any]:
         "bar": {
             "target_agreement": BAR,
             "max_calls": args.k * (args.k - 1) // 4,
-            "measured_agreement": bracket["agree_rr_pair"],
-            "met": bracket["agree_rr_pair"] >= BAR and bracket["calls_max"] <= args.k * (args.k - 1) // 4,
+            "measured_agreement": shipped["agree_rr_pair"],
+            "met": shipped["agree_rr_pair"] >= BAR and shipped["calls_max"] <= args.k * (args.k - 1) // 4,
         },
         "sweep": sweep,
         "seconds": time.perf_counter() - start,
@@ -313,7 +315,8 @@ def print_tournament(report: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         "RR rerun: a second round robin with fresh judge verdicts (identical for a greedy judge). "
-        "tournament+BT: argmax/argmin of a Bradley-Terry fit on the tournament's judgments. "
+        "tournament: what --judge_mode tournament picks, argmax/argmin of a Bradley-Terry fit on the "
+        "tournament's judgments; bracket: the bracket's own best and worst. "
         "gap share: mean (s_chosen - s_rejected) / (s_max - s_min) in true strengths."
     )
     if oracle := report.get("oracle"):
@@ -333,7 +336,7 @@ def print_tournament(report: dict[str, Any]) -> None:
     )
     if report["sweep"]:
         sweep = Table(title="agreement vs judge accuracy (sweep over sigma)")
-        for col in ("sigma", "judge acc", "RR=true pair", "RR=RR rerun", "tournament=RR", "tournament+BT=RR",
+        for col in ("sigma", "judge acc", "RR=true pair", "RR=RR rerun", "tournament=RR", "bracket=RR",
                     "oracle/tour=RR", "oracle/own=RR"):
             sweep.add_column(col, justify="right")
         for s in report["sweep"]:
@@ -344,7 +347,7 @@ def print_tournament(report: dict[str, Any]) -> None:
                 f"{s['rr_agree_true_pair']:.1%}",
                 f"{s['rr_rerun_agree_pair']:.1%}",
                 f"{s['tournament_agree_rr_pair']:.1%}",
-                f"{s['tournament_bt_agree_rr_pair']:.1%}",
+                f"{s['bracket_agree_rr_pair']:.1%}",
                 *("-" if x is None else f"{x:.1%}" for x in oracle),
             )
         console.print(sweep)
