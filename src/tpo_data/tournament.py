@@ -24,6 +24,12 @@ also takes 14 calls: 51% vs 46% of instructions at the default judge noise,
 92% vs 85% at judge accuracy 0.93. There a tie in a single call decides its
 match by index, which a repair mostly avoids.
 
+The judge step (``judges.PairwiseJudge``) does not take the bracket's
+``best``/``worst``: it fits Bradley-Terry strengths on the tournament's
+judgments, since length control needs a score per sample, and pairs pick
+argmax/argmin of the length-controlled scores. At rho 0 that agrees with the
+round robin about as often as the bracket does (51.6% vs 51.0% in the bench).
+
 A match that stays drawn goes to the candidate with more wins over all
 judgments so far, then to the lower index. If a bye candidate wins the max
 bracket and also the min bracket (only an inconsistent judge does that), it
