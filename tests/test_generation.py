@@ -43,9 +43,14 @@ def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
     parsed = sum(sum(r["parsed"]) for r in rows)
     assert f"Samples: 32 for 8 instructions in {out / 'iter-1' / 'generations.jsonl'}" in proc.stdout
     assert f"Parsed: {parsed}/32" in proc.stdout
-    # The slice is recorded, disjoint from the holdout, and a rerun changes nothing.
+    # The slice is recorded (the rows' ids), disjoint from the holdout, and a rerun changes nothing.
     slices = json.loads((out / "slices.json").read_text())
-    assert json.dumps(slices).count("\"") > 0 and len(rows) == 8
+    assert slices["iterations"]["1"] == [r["id"] for r in rows]
+    from tpo_data.instructions import InstructionArguments, load_instructions, select_holdout_rows
+
+    args = InstructionArguments(holdout_size=slices["source"]["holdout_size"])
+    held = {r["id"] for r in select_holdout_rows(load_instructions(args), args)}
+    assert len(held) == args.holdout_size > 0 and not held & set(slices["iterations"]["1"])
     before = (out / "iter-1" / "generations.jsonl").read_bytes()
     again = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
                        "--output_dir", str(out))

@@ -50,7 +50,8 @@ def test_no_separator_is_a_parse_failure(text):
 
 def test_common_variants_are_accepted():
     variants = [
-        "Here's my response: ok", "here is my response ok", "**Here is my response:** ok",
+        "Here's my response: ok", "here is my response\nok", "**Here is my response:** ok",
+        "**Here is my response**: ok", "Here is my response**\nok",
         "Here is my final response: ok", "HERE IS MY RESPONSE:\nok", "## Here’s my response\nok",
     ]
     for text in variants:
@@ -71,3 +72,25 @@ def test_direct_mode_keeps_whole_output():
     split = split_output("  Just an answer. ", None)
     assert split.parsed and split.response == "Just an answer." and split.thought == ""
     assert not split_output("   ", None).parsed
+
+
+def test_a_separator_mentioned_in_the_response_does_not_cut_it():
+    # Seen in SmolLM2 outputs and in a review: mentions mid-sentence are not separators,
+    # and a separator that starts a line wins over one inside a sentence.
+    cases = [
+        ("I think 6*7=42.\nANSWER: The answer is 42.", "ANSWER:", "The answer is 42."),
+        ("thoughts\nHere is my response: Dear Sir, here is my response to your offer: I accept.",
+         GENERIC.separator, "Dear Sir, here is my response to your offer: I accept."),
+        ("thought\nHere is my response:\nAnswer A.\n\nHere's my response time: 5ms.",
+         GENERIC.separator, "Answer A.\n\nHere's my response time: 5ms."),
+        ("thinking...\n<R>\nThe answer is <r>x</r> in HTML", SPECIFIC.separator, "The answer is <r>x</r> in HTML"),
+        ("Here is my response:\n\nHere is my response:\n\nBinary search halves. Quoting "
+         "\"Here is my response:\" here.", GENERIC.separator,
+         "Binary search halves. Quoting \"Here is my response:\" here."),
+    ]
+    for text, separator, response in cases:
+        assert split_output(text, separator).response == response, text
+    # A quoted mention with nothing that starts a line is not a separator at all.
+    text = 'I changed "Here is my thought process" to "Here is my response" to make it concise.'
+    assert not split_output(text, GENERIC.separator, GENERIC.thought_marker).parsed
+    assert not split_output("The responses differ; my responsibility: none.", "response:").parsed

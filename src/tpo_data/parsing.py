@@ -1,10 +1,16 @@
 """Split a model output into thought and response (METHOD.md 1.3).
 
 Pure string logic. The separator is matched loosely, because small models
-paraphrase it: case, whitespace, "Here is"/"Here's", an optional "final",
-a missing colon and markdown emphasis around it are all accepted. The LAST
-separator followed by text wins, so a draft that mentions the separator
-inside the thought does not cut the thought short.
+paraphrase it: case, whitespace, "Here is"/"Here's", an optional "final" and
+markdown emphasis around it are all accepted, and a separator ending in a
+colon may end its line instead ("Here is my response\n"). It is not a
+separator when the sentence goes on ("here is my response to your offer:",
+"my response time: 5 ms") or inside a longer word.
+
+Which occurrence splits: the LAST one followed by text, so a draft that
+mentions the separator inside the thought does not cut the thought short;
+occurrences that start a line (after markdown) come first, so a response
+that quotes the separator mid-sentence is not cut short either.
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ def _loose(phrase: str) -> str:
             continue
         parts.append(re.escape(word))
     body = r"\s*".join(parts) if phrase.strip().startswith("<") else r"\s+".join(parts)
-    return body + r"\s*:?"
+    if phrase.strip().endswith(":"):
+        # The colon (inside or after emphasis), or the end of the line.
+        return body + r"(?:\*\*|__)?(?:[ \t]*:|(?=[ \t]*(?:\*\*|__)?[ \t]*(?:\r?\n|$)))"
+    return body + (r"(?!\w)" if re.search(r"\w$", phrase.strip()) else "") + r"[ \t]*:?"
 
 
 @lru_cache(maxsize=64)
@@ -52,8 +61,12 @@ def separator_pattern(separator: str) -> re.Pattern[str]:
     return re.compile(_BEFORE + _loose(separator) + _AFTER, re.IGNORECASE)
 
 
+def _starts_line(text: str, start: int) -> bool:
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
+
+
 def split_output(text: str, separator: str | None, thought_marker: str | None = None) -> Split:
-    """Split ``text`` at the last ``separator`` variant followed by a non-empty response.
+    """Split ``text`` at its separator (module docstring: which occurrence, which variants).
 
     With no separator (direct-response mode) the whole text is the response.
     Outputs without a usable separator are parse failures: ``parsed=False`` and
@@ -62,13 +75,13 @@ def split_output(text: str, separator: str | None, thought_marker: str | None = 
     if separator is None:
         response = text.strip()
         return Split("", response, bool(response))
-    for match in reversed(list(separator_pattern(separator).finditer(text))):
-        response = text[match.end():].strip()
-        if response:
-            thought = text[: match.start()].strip()
-            if thought_marker:
-                marker = separator_pattern(thought_marker).match(thought)
-                if marker:
-                    thought = thought[marker.end():].strip()
-            return Split(thought, response, True)
-    return Split("", "", False)
+    found = [m for m in separator_pattern(separator).finditer(text) if text[m.end():].strip()]
+    if not found:
+        return Split("", "", False)
+    match = ([m for m in found if _starts_line(text, m.start())] or found)[-1]
+    thought = text[: match.start()].strip()
+    if thought_marker:
+        marker = separator_pattern(thought_marker).match(thought)
+        if marker:
+            thought = thought[marker.end():].strip()
+    return Split(thought, text[match.end():].strip(), True)
