@@ -57,6 +57,15 @@ def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
     assert again.returncode == 0
     assert (out / "iter-1" / "generations.jsonl").read_bytes() == before
     assert "Processing batch" not in again.stderr + again.stdout
+    # Resuming with other sampling settings would mix two kinds of samples: refused, kept.
+    (out / "iter-1" / "checkpoints").mkdir(exist_ok=True)
+    ledger = (out / "iter-1" / "generations.jsonl")
+    ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:5]))
+    other = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+                       "--output_dir", str(out), "--temperature", "0.3")
+    assert other.returncode == 2
+    assert "holds 5 instructions generated with other settings: temperature was 0.8, now 0.3" in other.stderr
+    assert len(read_rows(out)) == 5
 
 
 def test_next_iteration_takes_fresh_instructions(tiny_lm, tmp_path):

@@ -23,7 +23,7 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,47 @@ class GenerationLedger:
             file.unlink()
 
 
+SPEC = "generation_spec.json"
+
+
+def generation_spec(prompt: ThoughtPrompt, sampling: SamplingArguments, model: str) -> dict[str, Any]:
+    """What makes a ledger row: the model (as the user named it), the thought prompt, the sampling."""
+    return {"model": model, "prompt": asdict(prompt), "num_samples": sampling.num_samples,
+            "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
+
+
+def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any]) -> None:
+    """Refuse to add rows to a ledger made with other settings, or rows whose text changed.
+
+    Resuming keeps finished rows as they are, so other settings would mix two kinds of
+    samples in one dataset (and the recipe stored with it would describe only the new ones).
+    """
+    changed = [r["id"] for r in rows
+               if r["id"] in ledger.rows and ledger.rows[r["id"]].get("instruction") != r["instruction"]]
+    if changed:
+        raise TPODataError(
+            f"{len(changed)} instruction(s) finished in {ledger.path} have another text now under "
+            f"the same id (first: {changed[0]}): the instruction source changed.",
+            "Restore the source the run started with, or use a new --output_dir for the new one.",
+        )
+    path = ledger.path.parent / SPEC
+    if ledger.rows and path.is_file():
+        before = json.loads(path.read_text())
+        differ = sorted(k for k in before.keys() | spec.keys() if before.get(k) != spec.get(k))
+        if differ:
+            raise TPODataError(
+                f"{ledger.path} holds {len(ledger.rows)} instructions generated with other settings: "
+                + "; ".join(f"{k} was {json.dumps(before.get(k))}, now {json.dumps(spec.get(k))}"
+                            for k in differ) + ".",
+                "Rerun with the settings it was started with to resume it, or use a new "
+                "--output_dir (or --iteration) for the new settings.",
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec, indent=2) + "\n")
+
+
 @dataclass
 class GenerationResult:
     rows: list[dict]
@@ -285,6 +326,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     out_dir = out_dir or run.iteration_dir()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
+    check_resume(ledger, rows, generation_spec(prompt, sampling, engine.model))
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
     cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
     if pending:
