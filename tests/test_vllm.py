@@ -89,6 +89,29 @@ def test_pipeline_starts_and_stops_its_own_server(tiny_lm, tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
 
 
+def test_ctrl_c_while_the_server_starts_stops_it(tiny_lm, tmp_path):
+    """The server runs in its own session (Ctrl+C does not reach it): an interrupted start stops it."""
+    import signal
+
+    if vllm_python() is None:
+        pytest.skip("vLLM is not installed")
+    server = VLLMServer(tiny_lm, port=free_port(), python=vllm_python(), kvcache_gb=1,
+                        max_model_len=1024, log_path=tmp_path / "server.log")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)  # vLLM takes far longer than this to start
+    try:
+        with pytest.raises(KeyboardInterrupt), server:
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert server.process is not None and server.process.poll() is not None
+
+
 def test_server_dying_mid_run_loses_nothing(server, tiny_lm, tmp_path):
     python = vllm_python()
     doomed = VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny-doomed",

@@ -141,6 +141,16 @@ class VLLMServer:
             start_new_session=True,
         )
         log.close()
+        try:
+            return self._wait_ready()
+        except BaseException:
+            # Its own session keeps Ctrl+C from reaching it, and a context manager whose
+            # __enter__ raised never exits: stop it here, or it outlives us holding the port.
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> "VLLMServer":
+        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -155,7 +165,6 @@ class VLLMServer:
                 return self
             except OSError:
                 time.sleep(1.0)
-        self.stop()
         raise TPODataError(
             f"The vLLM server did not answer within {self.startup_timeout:.0f} s.",
             f"Read {self.log_path}; raise --vllm_startup_timeout on slow machines.",
