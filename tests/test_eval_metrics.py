@@ -51,7 +51,7 @@ def test_win_rate_and_interval():
     empty = win_rate([])
     assert empty.n == 0 and math.isnan(empty.rate)
     single = win_rate([1.0])  # no spread to estimate from one instruction
-    assert single.rate == 1.0 and math.isnan(single.ci95)
+    assert single.rate == 1.0 and single.ci95 is None
 
 
 def test_by_category():

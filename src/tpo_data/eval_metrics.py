@@ -35,7 +35,7 @@ class WinRate:
 
     rate: float
     n: int
-    ci95: float
+    ci95: float | None  # None: one instruction gives no spread to estimate
     wins: int  # instructions X won in both orders
     losses: int  # ... lost in both orders
 
@@ -48,12 +48,11 @@ def win_rate(outcomes: Sequence[float]) -> WinRate:
     """Aggregate per-instruction outcomes (each in {0, 1/4, 1/2, 3/4, 1})."""
     n = len(outcomes)
     if n == 0:
-        return WinRate(math.nan, 0, math.nan, 0, 0)
+        return WinRate(math.nan, 0, None, 0, 0)
     mean = sum(outcomes) / n
     # One instruction gives no spread to estimate: the interval is unknown, not zero.
-    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else math.nan
-    return WinRate(mean, n, 1.96 * math.sqrt(var / n), sum(o == 1.0 for o in outcomes),
-                   sum(o == 0.0 for o in outcomes))
+    ci = 1.96 * math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1) / n) if n > 1 else None
+    return WinRate(mean, n, ci, sum(o == 1.0 for o in outcomes), sum(o == 0.0 for o in outcomes))
 
 
 def by_category(outcomes: Sequence[float], categories: Sequence[str]) -> dict[str, WinRate]:

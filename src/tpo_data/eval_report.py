@@ -102,7 +102,7 @@ def plot_win_rates(report: dict[str, Any], path: Path) -> None:
         rows = [c for c in report["comparisons"] if c["reference"] == reference]
         xs = [names.index(c["model"]) for c in rows]
         ys = [c["overall"]["win_rate"] for c in rows]
-        errs = [c["overall"]["ci95"] for c in rows]
+        errs = [c["overall"]["ci95"] or 0.0 for c in rows]
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, label=f"vs {reference}")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names)
