@@ -140,7 +140,8 @@ def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str 
     for ledger_path in (Path(output_dir) / "slices.json", baseline_dir(output_dir) / "slices.json"):
         if not ledger_path.is_file():
             continue
-        trained = [r["id"] for r in rows if r["id"] in SliceLedger(ledger_path).used_ids()]
+        used = SliceLedger(ledger_path).used_ids()
+        trained = [r["id"] for r in rows if r["id"] in used]
         if trained:
             raise TPODataError(
                 f"{len(trained)} of the {len(rows)} held-out instructions were trained on "
