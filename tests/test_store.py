@@ -548,3 +548,22 @@ def test_plots_skip_missing_scores() -> None:
     assert pairs[0]["rejected_score"] is None
     plots = make_plots(candidates, pairs)
     assert all(png.startswith(b"\x89PNG") for png in plots.values())
+
+
+def test_cli_logging_keeps_library_chatter_out():
+    """The CLI's log shows progress, not every HTTP request or matplotlib's notes on axis labels."""
+    import logging
+
+    from tpo_data.cli import setup_logging
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)  # as the CLI's basicConfig sets it (pytest's handlers come first)
+    try:
+        setup_logging(logging.INFO)
+        assert logging.getLogger("tpo_data").isEnabledFor(logging.INFO)
+        for name in ("httpx", "httpx2", "matplotlib.category"):
+            logger = logging.getLogger(name)
+            assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(before)

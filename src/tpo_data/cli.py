@@ -38,7 +38,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler])
     # The OpenAI client's HTTP library logs every request at INFO (hundreds per evaluation,
     # drowning the progress lines). distilabel's step workers: steps._silence_httpx2.
-    for name in ("httpx", "httpx2"):
+    # matplotlib notes at INFO how it reads the report's axis labels ("Using categorical units").
+    for name in ("httpx", "httpx2", "matplotlib"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
