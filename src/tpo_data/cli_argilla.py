@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import write_text_atomic
 from tpo_data.secrets import scrub
 
 _STORE_HELP = "the local store folder that holds the version (for example outputs/store/<dataset-name>)"
@@ -130,25 +130,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         "missing_ids": reviews.missing_ids,
         "reviews": list(reviews),
     }
-    _write_atomic(out, scrub(json.dumps(document, indent=2, sort_keys=True)) + "\n")
+    # Atomic: a crash mid-write keeps the reviews pulled before.
+    write_text_atomic(out, scrub(json.dumps(document, indent=2, sort_keys=True)) + "\n")
     c = reviews.counts
     print(f"{c['reviewed']} reviewed, {c['not_reviewed']} not reviewed, {c['missing']} missing from Argilla "
           f"(of {c['pairs']} pairs); wrote {out}")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step, so a crash mid-write keeps the reviews pulled before."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:

@@ -46,7 +46,13 @@ from tpo_data.instructions import (
 )
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
 from tpo_data.models import resolve_model
-from tpo_data.pipeline import GenerationLedger, RunArguments, generate_samples, start_endpoint
+from tpo_data.pipeline import (
+    GenerationLedger,
+    RunArguments,
+    generate_samples,
+    generation_spec,
+    start_endpoint,
+)
 from tpo_data.prompts import load_prompt
 from tpo_data.verdicts import neutralize
 
@@ -152,15 +158,15 @@ def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str 
     return rows
 
 
-def _answerer(path: str, prompt: str, sampling: SamplingArguments) -> str:
-    """A short fingerprint of what answers: model folder and weight files, prompt, sampling."""
+def _answerer(path: str, spec: dict[str, Any]) -> str:
+    """A short fingerprint of what answers: model folder and weight files, and the
+    :func:`~tpo_data.pipeline.generation_spec` (model name, prompt, sampling)."""
     folder = Path(path)
     weights = sorted(
         (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*")
         if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
     ) if folder.is_dir() else []
-    what = [str(folder.resolve()) if folder.exists() else path, weights, prompt,
-            sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed]
+    what = [str(folder.resolve()) if folder.exists() else path, weights, spec]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
 
@@ -171,17 +177,16 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
 
     A model that the judge's vLLM server serves anyway answers through that server.
     """
-    out_dir = folder / "outputs" / f"{model.name}-{_answerer(path, model.prompt, sampling)}"
-    pending = any(not GenerationLedger(out_dir / "generations.jsonl").finished(r["id"], False)
-                  for r in rows)
-    if pending:
+    prompt, one = load_prompt(model.prompt), replace(sampling, num_samples=1)
+    answerer = _answerer(path, generation_spec(prompt, one, model.path))
+    out_dir = folder / "outputs" / f"{model.name}-{answerer}"
+    ledger = GenerationLedger(out_dir / "generations.jsonl")
+    if any(not ledger.finished(r["id"], False) for r in rows):
         log.info("Evaluation: %s answers %d held-out instructions", model.name, len(rows))
         if judge_server and judge_server.serves(path):
             engine = judge_server.engine_for(model.path)
-    result = generate_samples(
-        rows, load_prompt(model.prompt), replace(engine, model=model.path),
-        replace(sampling, num_samples=1), run, path, out_dir=out_dir,
-    )
+    result = generate_samples(rows, prompt, replace(engine, model=model.path), one, run, path,
+                              out_dir=out_dir)
     return result.rows
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import write_text_atomic
 
 BUILTIN = "builtin"
 UNCATEGORIZED = "uncategorized"
@@ -513,19 +513,7 @@ class SliceLedger:
             "source": self._source,
             "iterations": {str(k): v for k, v in sorted(self._iterations.items())},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file in the same directory, then rename: a crash
-        # leaves either the old ledger or the new one, never half of one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(self.path, json.dumps(data, indent=2))
 
 
 def _differences(recorded: dict, current: dict) -> str:

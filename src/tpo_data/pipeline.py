@@ -20,7 +20,6 @@ import importlib
 import json
 import logging
 import multiprocessing
-import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
 from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
+from tpo_data.files import write_text_atomic
 from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_engine_args, judge_sampling
 from tpo_data.prompts import ThoughtPrompt
 
@@ -248,14 +248,8 @@ class GenerationLedger:
         """Fold checkpoints into the ledger file, rows in ``order`` (the slice's order)."""
         rank = {id_: i for i, id_ in enumerate(order)}
         self.rows = dict(sorted(self.rows.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-        tmp = self.path.with_suffix(".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as fh:
-            for row in self.rows.values():
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                             for row in self.rows.values()))
         # Everything checkpointed is now in the ledger.
         for file in self.checkpoints.glob("*.jsonl") if self.checkpoints.is_dir() else []:
             file.unlink()
@@ -298,8 +292,7 @@ def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any
                 "--output_dir (or --iteration) for the new settings.",
             )
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
 
 
 @dataclass

@@ -136,10 +136,12 @@ def split_rows(rows: list[dict], holdout_size: int, seed: int) -> tuple[list[dic
 
     per_instruction = Counter(r["instruction"] for r in rows)
     held: set[str] = set()
+    count = 0
     for instruction in sorted(per_instruction, key=key)[:-1]:
-        if sum(per_instruction[i] for i in held) >= holdout_size:
+        if count >= holdout_size:
             break
         held.add(instruction)
+        count += per_instruction[instruction]
     return ([r for r in rows if r["instruction"] not in held],
             [r for r in rows if r["instruction"] in held])
 

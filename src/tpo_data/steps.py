@@ -19,7 +19,6 @@ last finished batch instead.
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from distilabel.utils import logging as distilabel_logging
 from pydantic import Field
 
 from tpo_data.parsing import split_output
+from tpo_data.files import write_text_atomic
 from tpo_data.prompts import ThoughtPrompt
 
 
@@ -100,16 +100,9 @@ def write_checkpoint(directory: str | Path, rows: list[dict]) -> None:
     """Atomically write finished rows to ``directory`` (one file per batch)."""
     if not rows:
         return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
-    tmp = directory / f".{name}.tmp"
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps({k: row.get(k) for k in KEEP}, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / f"{name}.jsonl")
+    write_text_atomic(Path(directory) / f"{name}.jsonl", "".join(
+        json.dumps({k: row.get(k) for k in KEEP}, ensure_ascii=False) + "\n" for row in rows))
 
 
 class SplitThoughts(Step):
