@@ -6,9 +6,9 @@ The traffic itself is tested against two real vLLM servers in test_vllm.py.
 import time
 
 import pytest
-from distilabel.models.llms import OpenAILLM
 
-from tpo_data.endpoints import BalancedOpenAILLM, BalancingTransport, openai_http, split_endpoints
+from tpo_data.endpoints import (BalancedOpenAILLM, BalancingTransport, FinishReasonOpenAILLM, openai_http,
+                                split_endpoints)
 from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
 from tpo_data.errors import TPODataError
 from tpo_data.judges import JudgeArguments
@@ -62,7 +62,7 @@ def test_pick_least_busy_then_least_used_and_skip_servers_that_are_down():
 def test_build_llm_balances_only_several_endpoints():
     sampling = SamplingArguments()
     one = build_llm(EngineArguments(engine="openai", base_url=A), sampling, "m", A, "m")
-    assert type(one) is OpenAILLM and one.base_url == A
+    assert type(one) is FinishReasonOpenAILLM and one.base_url == A
     both = f"{A},{B}"
     llm = build_llm(EngineArguments(engine="openai", base_url=both), sampling, "m", both, "m")
     assert isinstance(llm, BalancedOpenAILLM) and llm.base_urls == [A, B] and llm.base_url == A

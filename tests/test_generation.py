@@ -41,8 +41,11 @@ def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
             split = split_output(text, PRESETS["generic"].separator, PRESETS["generic"].thought_marker)
             assert (thought, response, parsed) == (split.thought, split.response, split.parsed)
     parsed = sum(sum(r["parsed"]) for r in rows)
+    cut = sum(sum(r["truncated"]) for r in rows)
     assert f"Samples: 32 for 8 instructions in {out / 'iter-1' / 'generations.jsonl'}" in proc.stdout
-    assert f"Parsed: {parsed}/32" in proc.stdout
+    assert f"Parsed: {parsed}/32" in proc.stdout and f"cut off at max_new_tokens: {cut}" in proc.stdout
+    # A random 400-token model seldom samples its end token within 16 tokens.
+    assert cut >= 24
     # The slice is recorded (the rows' ids), disjoint from the holdout, and a rerun changes nothing.
     slices = json.loads((out / "slices.json").read_text())
     assert slices["iterations"]["1"] == [r["id"] for r in rows]
@@ -66,6 +69,34 @@ def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
     assert other.returncode == 2
     assert "holds 5 instructions generated with other settings: temperature was 0.8, now 0.3" in other.stderr
     assert len(read_rows(out)) == 5
+
+
+def test_transformers_engine_reports_finish_reasons(tiny_lm, tmp_path):
+    """A sample stopped by an end token finishes "stop", one cut off at max_new_tokens "length"."""
+    import shutil
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from tpo_data.engines import BatchedTransformersLLM
+
+    def generate(model, max_new_tokens=6):
+        llm = BatchedTransformersLLM(model=str(model), seed=3)
+        llm.load()
+        messages = [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Why?"}]]
+        return llm.generate(messages, num_generations=4, max_new_tokens=max_new_tokens, temperature=1.0)
+
+    for out in generate(tiny_lm):
+        tokens, reasons = out["statistics"]["output_tokens"], out["finish_reason"]
+        assert len(reasons) == 4 and set(reasons) <= {"stop", "length"}
+        assert [r == "length" for r in reasons] == [n == 6 for n in tokens]
+    # The generation config's end tokens count too: here every token ends a sample.
+    stops = tmp_path / "stops"
+    shutil.copytree(tiny_lm, stops)
+    config = GenerationConfig.from_pretrained(stops)
+    config.eos_token_id = list(range(AutoConfig.from_pretrained(stops).vocab_size))
+    config.save_pretrained(stops)
+    for out in generate(stops):
+        assert out["finish_reason"] == ["stop"] * 4 and out["statistics"]["output_tokens"] == [0] * 4
 
 
 def test_next_iteration_takes_fresh_instructions(tiny_lm, tmp_path):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tpo_data.errors import TPODataError
 from tpo_data.pairs import (
     DROP_ALL_EQUAL,
+    DROP_ALL_TRUNCATED,
     DROP_NO_VALID,
     DROP_NON_FINITE,
     DROP_REASONS,
@@ -56,6 +57,36 @@ def test_parse_failure_is_rejected_and_never_chosen():
     assert pair.rejected_score is None and pair.score_gap is None
     assert pair.rejected_length == 100
     assert pair.norm_scores == pytest.approx((None, -1.0, 1.0, None))
+
+
+def test_truncated_sample_is_never_chosen_but_may_be_rejected():
+    # Samples 0 and 4 have the best scores but stopped at the token limit; sample 3 did not parse.
+    scores, lengths = [9.0, 0.2, 0.8, NAN, 7.0], [100, 200, 300, 400, 50]
+    parsed, cut = [True, True, True, False, True], [True, False, False, False, True]
+    pair = select_pair(scores, lengths, parsed, 0.0, truncated=cut)
+    assert (pair.chosen, pair.rejected) == (2, 3)  # a parse failure is rejected first
+    assert not pair.rejected_parsed and not pair.rejected_truncated
+    # Without one, the truncated sample the judge liked least.
+    parsed[3] = True
+    pair = select_pair([9.0, 0.2, 0.8, 0.1, 7.0], lengths, parsed, 0.0, truncated=cut)
+    assert (pair.chosen, pair.rejected) == (2, 4)
+    assert pair.rejected_parsed and pair.rejected_truncated
+    # It keeps its judge score, but the gap is not defined against an excluded sample.
+    assert pair.rejected_score == 7.0 and pair.score_gap is None
+    valid = np.array([0.2, 0.8, 0.1])
+    z = (valid - valid.mean()) / valid.std()
+    assert pair.norm_scores == pytest.approx((None, *z, None))
+    assert select_pair([NAN, 0.2, 0.8, 0.1, 7.0], lengths, parsed, 0.0, truncated=cut).rejected == 0
+    # Without the mask (reject_truncated false) it is the best answer.
+    assert select_pair([9.0, 0.2, 0.8, 0.1, 7.0], lengths, parsed, 0.0).chosen == 0
+    scores, parsed = [9.0, 0.2, 0.8, NAN, 7.0], [True, True, True, False, True]
+    # Invalid samples ignored: the truncated one is neither chosen nor rejected.
+    pair = select_pair(scores, lengths, parsed, 0.0, truncated=cut, reject_parse_failures=False)
+    assert (pair.chosen, pair.rejected, pair.rejected_truncated) == (2, 1, False)
+    assert select_pair([1.0, 2.0], [1, 2], [True, False], 0.0, truncated=[True, False]) == Drop(DROP_ALL_TRUNCATED)
+    assert select_pair([1.0, 2.0], [1, 2], [False, False], 0.0, truncated=[True, True]) == Drop(DROP_NO_VALID)
+    with pytest.raises(TPODataError, match="truncated"):
+        select_pair([1.0, 2.0], [1, 2], [True, True], 0.0, truncated=[True])
 
 
 def test_parse_failures_can_be_excluded():
@@ -197,28 +228,33 @@ def test_select_pairs_counts_drops_and_summarize():
         ([0.2, 0.2], [7, 7], [True, True]),  # all_equal
         ([0.7, NAN, 0.1], [20, 99, 40], [True, False, True]),  # pair 0 > 1 (parse failure)
         ([0.5, NAN], [3, 3], [True, True]),  # non_finite_score
+        ([0.9, 0.4], [8, 9], [True, True], [True, True]),  # all_truncated
+        ([0.9, 0.4, 0.2], [8, 9, 6], [True, True, True], [True, False, False]),  # pair 1 > 0 (truncated)
     ]
     selection = select_pairs(groups, rho=0.0)
-    assert [i for i, _ in selection.pairs] == [0, 4]
-    assert selection.dropped == [(1, DROP_SINGLE_SAMPLE), (2, DROP_NO_VALID), (3, DROP_ALL_EQUAL), (5, DROP_NON_FINITE)]
+    assert [i for i, _ in selection.pairs] == [0, 4, 7]
+    assert selection.dropped == [(1, DROP_SINGLE_SAMPLE), (2, DROP_NO_VALID), (3, DROP_ALL_EQUAL),
+                                 (5, DROP_NON_FINITE), (6, DROP_ALL_TRUNCATED)]
     assert selection.drops == Counter(
-        {DROP_SINGLE_SAMPLE: 1, DROP_NO_VALID: 1, DROP_ALL_EQUAL: 1, DROP_NON_FINITE: 1}
+        {DROP_SINGLE_SAMPLE: 1, DROP_NO_VALID: 1, DROP_ALL_EQUAL: 1, DROP_NON_FINITE: 1, DROP_ALL_TRUNCATED: 1}
     )
     stats = summarize(selection)
-    assert stats["instructions"] == 6
-    assert stats["samples"] == 12
-    assert stats["parse_rate"] == pytest.approx(9 / 12)
-    assert stats["pairs_kept"] == 2
+    assert stats["instructions"] == 8
+    assert stats["samples"] == 17
+    assert stats["parse_rate"] == pytest.approx(14 / 17)  # truncated samples did parse
+    assert stats["pairs_kept"] == 3
     assert stats["drops"] == {
         DROP_SINGLE_SAMPLE: 1,
         DROP_NON_FINITE: 1,
         DROP_NO_VALID: 1,
+        DROP_ALL_TRUNCATED: 1,
         DROP_ALL_EQUAL: 1,
         DROP_SINGLE_VALID: 0,
     }
     assert stats["rejected_parse_failures"] == 1
-    assert stats["mean_chosen_length"] == pytest.approx((30 + 20) / 2)
-    assert stats["mean_rejected_length"] == pytest.approx((10 + 99) / 2)
+    assert [p.rejected_truncated for _, p in selection.pairs] == [False, False, True]
+    assert stats["mean_chosen_length"] == pytest.approx((30 + 20 + 9) / 3)
+    assert stats["mean_rejected_length"] == pytest.approx((10 + 99 + 8) / 3)
     assert stats["rho"] == 0.0
 
 

@@ -36,7 +36,7 @@ PAIR_COLUMNS = [
 ]
 CANDIDATE_COLUMNS = [
     "instruction_id", "instruction", "category", "sample_index", "generation", "thought",
-    "response", "parsed", "score", "length", "norm_score", "iteration",
+    "response", "parsed", "truncated", "score", "length", "norm_score", "iteration",
 ]
 _ANSWER = re.compile(r"\[The Start of Assistant (A|B)'s Answer\]\n(.*?)\n\[The End of", re.S)
 
@@ -167,6 +167,41 @@ def test_pair_data_drops_nan_and_rejects_parse_failures():
     assert data.candidates[1]["score"] is None  # NaN: no usable score
 
 
+@pytest.mark.parametrize("reject", [True, False])
+def test_pair_data_never_chooses_a_truncated_answer_by_default(reject):
+    # Sample 2 is the judge's favourite but was cut off at the token limit.
+    rows = [_row([0.1, 0.4, 0.9], [True, True, True], id_="cut"),
+            _row([0.3, 0.8], [True, True], id_="both-cut"),
+            _row([0.2, 0.5], [True, True], id_="old")]  # generated before the flag: unknown
+    rows[0]["truncated"], rows[1]["truncated"] = [False, False, True], [True, True]
+    rows[2].pop("truncated", None)
+    data = build_iteration_data(rows, PRESETS["generic"], JudgeArguments(rho="0", reject_truncated=reject),
+                                iteration=1)
+    by_id = {p["instruction_id"]: p for p in data.pairs}
+    stats, text = data.stats, format_stats(data.stats)
+    assert (stats["truncated_samples"], stats["truncated_parsed"], stats["parse_rate"]) == (3, 3, 1.0)
+    assert [c["truncated"] for c in data.candidates] == [False, False, True, True, True, False, False]
+    if reject:
+        assert set(by_id) == {"cut", "old"} and stats["drops"]["all_truncated"] == 1
+        pair = by_id["cut"]
+        assert pair["chosen_response"] == "r1x" and pair["rejected_response"] == "r2xx"
+        assert pair["rejected_score"] == 0.9 and pair["score_gap"] is None
+        assert (stats["chosen_truncated"], stats["rejected_truncated"]) == (0, 1)
+        # Length control is computed over the samples selection could choose.
+        assert [c["norm_score"] for c in data.candidates[:3]] == pytest.approx([-1.0, 1.0, None])
+        assert ("Truncated at max_new_tokens: 3 of 7 samples (3 of them parsed; unknown for 2); "
+                "never chosen, 1 rejected") in text
+    else:
+        assert set(by_id) == {"cut", "both-cut", "old"} and by_id["cut"]["chosen_response"] == "r2xx"
+        # Counted from the flags, also when selection ignores them.
+        assert (stats["chosen_truncated"], stats["rejected_truncated"]) == (2, 1)
+        assert "2 CHOSEN answers are cut off (reject_truncated is false)" in text
+    assert "unknown (the engine" in format_stats({**stats, "truncation_unknown": 7})
+    # Statistics stored before the flag existed print no truncation line.
+    old = {k: v for k, v in stats.items() if k != "truncated_samples"}
+    assert "Truncated" not in format_stats(old)
+
+
 @pytest.mark.parametrize("mode", ["tournament", "round_robin"])
 @pytest.mark.parametrize("first, warned", [(20, True), (11, False), (3, True)])
 def test_stats_report_the_judges_position_bias(mode, first, warned):
@@ -249,6 +284,16 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
     for pair in pairs:
         assert pair["score_gap"] > 0 and pair["rho"] == 0.1
         assert pair["prompt"] == [{"role": "user", "content": pair["instruction"]}]
+    # The engine's finish reasons reach the candidates and the statistics.
+    assert stats["truncated_samples"] == sum(candidates["truncated"]) > 0
+    # The same generated rows, selected with truncated answers excluded (the default).
+    rows = [json.loads(line) for line in (out / "iter-1" / "generations.jsonl").read_text().splitlines()]
+    strict = build_iteration_data(rows, PRESETS["direct"], JudgeArguments(judge="reward_model", rho="0.1"),
+                                  iteration=1)
+    assert strict.stats["drops"]["all_truncated"] == sum(all(r["truncated"]) for r in rows)
+    for pair in strict.pairs:
+        row = next(r for r in rows if r["id"] == pair["instruction_id"])
+        assert not row["truncated"][row["generation"].index(pair["chosen"][0]["content"])]
     assert (store.path("iter-1") / "pipeline.yaml").is_file()
 
     # A finished iteration reruns as a no-op that prints the same statistics.

@@ -69,6 +69,10 @@ def test_k_samples_come_from_one_request_per_instruction(server, tmp_path):
     # 8 instructions x K=4 samples, in 8 HTTP requests: n=K shares each prompt.
     assert metric(server.base_url, route) - before == 8
     assert "Samples: 32 for 8 instructions" in proc.stdout
+    # vLLM's finish reasons reach the rows: the random model seldom ends a sample in 24 tokens.
+    cut = [flag for r in rows for flag in r["truncated"]]
+    assert all(isinstance(flag, bool) for flag in cut) and sum(cut) >= 24
+    assert f"cut off at max_new_tokens: {sum(cut)}" in proc.stdout
     # The HTTP client's per-request INFO lines are silenced; distilabel's progress is not.
     logs = proc.stdout + proc.stderr
     assert "HTTP Request:" not in logs and "Processing batch" in logs

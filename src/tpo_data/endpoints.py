@@ -115,7 +115,23 @@ class BalancingTransport:
         await self.aclose()
 
 
-class BalancedOpenAILLM(OpenAILLM):
+class FinishReasonOpenAILLM(OpenAILLM):
+    """distilabel's ``OpenAILLM`` that also returns each choice's finish reason.
+
+    distilabel 1.5.3 drops ``choice.finish_reason``, and with ``n=K`` samples in
+    one request the usage counts only the total tokens, so a sample cut off at
+    ``max_tokens`` cannot be told from one that ended. The reasons travel as an
+    extra output key, which distilabel's tasks store per sample in the
+    ``llm_<task>_finish_reason`` column.
+    """
+
+    def _generations_from_openai_completion(self, completion: Any) -> Any:
+        output = super()._generations_from_openai_completion(completion)
+        output["finish_reason"] = [choice.finish_reason for choice in completion.choices]
+        return output
+
+
+class BalancedOpenAILLM(FinishReasonOpenAILLM):
     """distilabel's ``OpenAILLM`` over several endpoints serving the same model."""
 
     base_urls: list[str] = Field(default_factory=list)

@@ -18,12 +18,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from distilabel.models.llms import OpenAILLM
 from distilabel.models.llms.base import LLM
 from distilabel.models.llms.utils import prepare_output
 from pydantic import PrivateAttr
 
-from tpo_data.endpoints import BalancedOpenAILLM, split_endpoints
+from tpo_data.endpoints import BalancedOpenAILLM, FinishReasonOpenAILLM, split_endpoints
 from tpo_data.errors import TPODataError
 
 if TYPE_CHECKING:
@@ -182,7 +181,9 @@ class BatchedTransformersLLM(LLM):
         per_call = max(1, self.max_batch_sequences // max(1, num_generations))
         texts: dict[int, list[str]] = {}
         counts: dict[int, tuple[int, list[int]]] = {}
-        eos = self._tokenizer.eos_token_id
+        reasons: dict[int, list[str]] = {}
+        # Exactly the tokens generate() stops at: the generation config's (e.g. <|im_end|>).
+        stops = set(_as_list(self._model.generation_config.eos_token_id)) - {None}
         for start in range(0, len(order), per_call):
             chunk = order[start : start + per_call]
             enc = self._tokenizer(
@@ -203,17 +204,25 @@ class BatchedTransformersLLM(LLM):
             new = out[:, enc["input_ids"].shape[1] :]
             for j, i in enumerate(chunk):
                 rows = new[j * num_generations : (j + 1) * num_generations]
-                lengths = []
+                lengths, finish = [], []
                 for row in rows.tolist():
-                    n = row.index(eos) if eos in row else len(row)
-                    lengths.append(n)
+                    end = next((t for t, token in enumerate(row) if token in stops), None)
+                    lengths.append(len(row) if end is None else end)
+                    # OpenAI's vocabulary: "length" = cut off at max_new_tokens.
+                    finish.append("length" if end is None else "stop")
                 texts[i] = self._tokenizer.batch_decode(rows, skip_special_tokens=True)
+                reasons[i] = finish
                 prompt_len = int(enc["attention_mask"][j].sum())
                 counts[i] = (prompt_len, lengths)
         return [
-            prepare_output(texts[i], input_tokens=[counts[i][0]], output_tokens=counts[i][1])
+            {**prepare_output(texts[i], input_tokens=[counts[i][0]], output_tokens=counts[i][1]),
+             "finish_reason": reasons[i]}
             for i in range(len(prompts))
         ]
+
+
+def _as_list(value: int | list[int] | None) -> list[int | None]:
+    return value if isinstance(value, list) else [value]
 
 
 def api_key(args: EngineArguments) -> str:
@@ -234,7 +243,7 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
         )
     urls = split_endpoints(base_url) if base_url else []
     several = {"base_urls": urls} if len(urls) > 1 else {}
-    return (BalancedOpenAILLM if several else OpenAILLM)(
+    return (BalancedOpenAILLM if several else FinishReasonOpenAILLM)(
         model=served_name or str(model_path),
         base_url=urls[0] if urls else base_url,
         **several,

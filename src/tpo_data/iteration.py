@@ -25,7 +25,7 @@ from tpo_data.instructions import (
 )
 from tpo_data.judges import POLICY, JudgeArguments
 from tpo_data.models import resolve_model
-from tpo_data.pair_data import build_iteration_data, format_stats, to_datasets
+from tpo_data.pair_data import build_iteration_data, format_stats, to_datasets, truncated, unknown_truncation
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
@@ -85,10 +85,15 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
 
 def summarize_generation(result: GenerationResult) -> str:
     failed = result.samples - result.parsed
+    cut = sum(sum(truncated(row)) for row in result.rows)
+    # Rows generated before the flag existed, or by an engine that gives no finish reason.
+    unknown = sum(unknown_truncation(row) for row in result.rows)
+    cut = ("; cut off at max_new_tokens: "
+           + ("unknown" if unknown == result.samples else str(cut) + (f" (unknown for {unknown})" if unknown else "")))
     return (
         f"Samples: {result.samples} for {len(result.rows)} instructions in {result.path}\n"
         f"Parsed: {result.parsed}/{result.samples} ({result.parse_rate:.1%}); "
-        f"parse failures (no separator): {failed}"
+        f"parse failures (no separator): {failed}{cut}"
     )
 
 

@@ -148,6 +148,12 @@ class JudgeArguments:
         default=True,
         metadata={"help": "Use a parse failure as the rejected sample when there is one."},
     )
+    reject_truncated: bool = field(
+        default=True,
+        metadata={"help": "Never choose a sample that stopped at --max_new_tokens (its response is "
+                  "cut off); it may still be the rejected one. false keeps such samples eligible "
+                  "(the statistics then count the chosen ones that are cut off)."},
+    )
     length_breaks_ties: bool = field(
         default=False,
         metadata={"help": "When the judge scores every valid sample of an instruction the same (e.g. "

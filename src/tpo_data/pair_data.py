@@ -15,6 +15,11 @@ with reasons), then lay out
 A sample's length is its response length in characters; a parse failure has
 no response, so its whole raw output counts: that is what a reader sees, and
 a zero length would make failures look short to ``auto_rho``.
+
+A sample is truncated when the engine reported that it stopped at the token
+limit (``steps.SplitThoughts``); under ``reject_truncated`` (the default) such
+samples are never chosen. Rows generated before the flag existed count as
+not truncated.
 """
 
 from __future__ import annotations
@@ -47,6 +52,18 @@ def sample_lengths(row: dict) -> list[int]:
             for generation, response, ok in zip(row["generation"], row["responses"], row["parsed"])]
 
 
+def truncated(row: dict) -> list[bool]:
+    """Whether each sample stopped at the token limit (False where unknown)."""
+    flags = row.get("truncated") or [None] * len(row["generation"])
+    return [bool(flag) for flag in flags]
+
+
+def unknown_truncation(row: dict) -> int:
+    """Samples of ``row`` whose finish reason is unknown (older rows, engines that give none)."""
+    flags = row.get("truncated") or [None] * len(row["generation"])
+    return sum(flag is None for flag in flags)
+
+
 def _scores(row: dict) -> list[float]:
     # None (parse failure, no score) becomes NaN; select_pair ignores unparsed entries.
     return [math.nan if s is None else float(s) for s in row["scores"]]
@@ -57,9 +74,14 @@ def _finite_or_none(score: float | None) -> float | None:
     return score if score is not None and math.isfinite(score) else None
 
 
-def _norm_scores(row: dict, rho: float) -> list[float | None]:
-    """Length-controlled s of the parsed samples (None when not computable)."""
-    valid = [i for i, ok in enumerate(row["parsed"]) if ok]
+def _valid(row: dict, judge: JudgeArguments) -> list[bool]:
+    cut = truncated(row) if judge.reject_truncated else [False] * len(row["parsed"])
+    return [bool(ok) and not c for ok, c in zip(row["parsed"], cut)]
+
+
+def _norm_scores(row: dict, rho: float, judge: JudgeArguments) -> list[float | None]:
+    """Length-controlled s of the valid samples, as selection saw them (None when not computable)."""
+    valid = [i for i, ok in enumerate(_valid(row, judge)) if ok]
     values = [_scores(row)[i] for i in valid]
     norm: list[float | None] = [None] * len(row["parsed"])
     if valid and check_finite(values).all():
@@ -79,7 +101,8 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
             "Rerun the iteration with a judge (--judge pairwise or reward_model); only the "
             "unjudged instructions are processed again.",
         )
-    groups = [(_scores(r), sample_lengths(r), r["parsed"]) for r in rows]
+    groups = [(_scores(r), sample_lengths(r), r["parsed"], truncated(r) if judge.reject_truncated
+               else [False] * len(r["parsed"])) for r in rows]
     fixed = judge.rho_value()
     options = {"reject_parse_failures": judge.reject_parse_failures,
                "length_breaks_ties": judge.length_breaks_ties}
@@ -113,7 +136,7 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
 
     candidates = []
     for row in rows:
-        lengths, norm = sample_lengths(row), _norm_scores(row, rho)
+        lengths, norm, cut = sample_lengths(row), _norm_scores(row, rho, judge), truncated(row)
         for k, generation in enumerate(row["generation"]):
             candidates.append({
                 "instruction_id": row["id"],
@@ -124,6 +147,7 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
                 "thought": row["thoughts"][k],
                 "response": row["responses"][k],
                 "parsed": bool(row["parsed"][k]),
+                "truncated": cut[k],
                 "score": _finite_or_none(row["scores"][k]),
                 "length": lengths[k],
                 "norm_score": norm[k],
@@ -131,7 +155,15 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
             })
 
     stats = summarize(selection)
+    cut = [truncated(r) for r in rows]
     stats.update({
+        "truncated_samples": sum(map(sum, cut)),
+        "truncated_parsed": sum(c and bool(ok) for r, flags in zip(rows, cut)
+                                for c, ok in zip(flags, r["parsed"])),
+        "chosen_truncated": sum(cut[i][p.chosen] for i, p in selection.pairs),
+        "rejected_truncated": sum(cut[i][p.rejected] for i, p in selection.pairs),
+        "truncation_unknown": sum(unknown_truncation(r) for r in rows),
+        "reject_truncated": judge.reject_truncated,
         "rho_mode": "auto" if auto else "fixed",
         "rho_auto_satisfied": auto.satisfied if auto else None,
         "judge": judge.judge,
@@ -158,7 +190,8 @@ def _features() -> tuple[datasets.Features, datasets.Features]:
         **{k: Value("string") for k in ("instruction_id", "instruction", "category")},
         "sample_index": Value("int64"),
         **{k: Value("string") for k in ("generation", "thought", "response")},
-        "parsed": Value("bool"), "score": Value("float64"), "length": Value("int64"),
+        "parsed": Value("bool"), "truncated": Value("bool"), "score": Value("float64"),
+        "length": Value("int64"),
         "norm_score": Value("float64"), "iteration": Value("int64"),
     })
     return pairs, candidates
@@ -191,9 +224,29 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
         f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"
         f"Rejected parse failures: {stats['rejected_parse_failures']}; rho: {rho})\n"
+        f"{_truncation_line(stats)}"
         f"Mean response length: chosen {stats['mean_chosen_length']:.1f}, "
         f"rejected {stats['mean_rejected_length']:.1f} characters"
     )
+
+
+def _truncation_line(stats: dict[str, Any]) -> str:
+    """How many samples hit the token limit, and whether any became a chosen answer."""
+    if "truncated_samples" not in stats:
+        return ""  # statistics from before the flag existed
+    unknown = stats["truncation_unknown"]
+    if unknown == stats["samples"]:
+        return "Truncated at max_new_tokens: unknown (the engine gave no finish reasons)\n"
+    line = (f"Truncated at max_new_tokens: {stats['truncated_samples']} of {stats['samples']} samples "
+            f"({stats['truncated_parsed']} of them parsed"
+            + (f"; unknown for {unknown}" if unknown else "") + ")")
+    if stats["reject_truncated"]:
+        line += f"; never chosen, {stats['rejected_truncated']} rejected"
+    elif stats["chosen_truncated"]:
+        line += (f"; {stats['chosen_truncated']} CHOSEN answers are cut off (reject_truncated is "
+                 "false): DPO trains them as better answers; raise --max_new_tokens or set "
+                 "--reject_truncated true")
+    return line + "\n"
 
 
 def _position_line(stats: dict[str, Any]) -> str:

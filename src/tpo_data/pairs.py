@@ -2,24 +2,29 @@
 
 Rules (METHOD.md 1.5-1.6, and our choices where the paper is silent):
 
-- Valid samples are the parsed ones (thought/response separator found).
-  Length-control z-scores are computed over the valid samples only.
+- Valid samples are the parsed ones (thought/response separator found),
+  less, when a ``truncated`` mask is given, those cut off at the token limit
+  (a response that stops mid-sentence must not be trained as the better
+  answer). Length-control z-scores are computed over the valid samples only.
 - chosen = argmax s over valid samples; a parse failure is never chosen.
 - A parse failure counts as worse than every valid sample ("parse failures
   are allowed as rejected samples"): when there is one, the rejected sample
-  is a parse failure, which teaches the model to keep the format. Pass
-  ``reject_parse_failures=False`` to ignore parse failures instead.
+  is a parse failure, which teaches the model to keep the format. Else a
+  truncated sample, when there is one, is rejected: the one the judge scored
+  lowest (teaching the model to finish). Pass ``reject_parse_failures=False``
+  to ignore such invalid samples instead.
 - Otherwise rejected = argmin s over valid samples.
 - Ties break to the lowest sample index (for chosen, rejected, and the
   parse failure that is rejected), so results are reproducible.
 - An instruction is dropped, with a reason, when no pair exists:
   ``single_sample`` (K = 1), ``non_finite_score`` (a valid sample has a
   NaN/inf score: the judge misbehaved on this instruction),
-  ``no_valid_candidate`` (nothing parsed), ``all_equal`` (the judge scored
+  ``no_valid_candidate`` (nothing parsed), ``all_truncated`` (samples
+  parsed, but every one was cut off at the token limit), ``all_equal`` (the judge scored
   every valid sample the same and there is no parse failure to reject; with
   ``length_breaks_ties`` length control alone may still separate them, else
   they are dropped), ``single_valid``
-  (one valid sample and parse failures are not rejected).
+  (one valid sample and invalid samples are not rejected).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ DROP_NON_FINITE = "non_finite_score"
 DROP_NO_VALID = "no_valid_candidate"
 DROP_ALL_EQUAL = "all_equal"
 DROP_SINGLE_VALID = "single_valid"
-DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VALID, DROP_ALL_EQUAL, DROP_SINGLE_VALID)
+DROP_ALL_TRUNCATED = "all_truncated"
+DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VALID, DROP_ALL_TRUNCATED, DROP_ALL_EQUAL,
+                DROP_SINGLE_VALID)
 
 # Length-controlled scores closer than this are equal (z-scores are O(1)).
 _EQUAL_ATOL = 1e-12
@@ -51,13 +58,15 @@ class PairChoice:
     """The pair for one instruction; indices are sample indices within the instruction.
 
     ``norm_scores`` holds the length-controlled score s of every sample (None
-    for samples that were not valid). ``rejected_score`` and ``score_gap`` are
-    None when the rejected sample is a parse failure (it has no judge score).
+    for samples that were not valid). ``rejected_score`` is None when the
+    rejected sample is a parse failure (it has no judge score); ``score_gap``
+    whenever the rejected sample is not valid (parse failure or truncated).
     """
 
     chosen: int
     rejected: int
     rejected_parsed: bool
+    rejected_truncated: bool
     chosen_score: float
     rejected_score: float | None
     chosen_length: int
@@ -81,33 +90,40 @@ def select_pair(
     *,
     reject_parse_failures: bool = True,
     length_breaks_ties: bool = False,
+    truncated: Sequence[bool] | np.ndarray | None = None,
 ) -> PairChoice | Drop:
     """Pick chosen and rejected among one instruction's samples (rules in the module docstring).
 
     ``scores`` are raw judge scores (RM scalars or Bradley-Terry strengths;
-    entries of unparsed samples are ignored and may be NaN or None),
-    ``lengths`` response lengths in characters, ``parsed`` the valid mask.
+    entries of invalid samples are ignored and may be NaN or None),
+    ``lengths`` response lengths in characters, ``parsed`` the parse mask,
+    ``truncated`` (optional) marks samples that hit the token limit.
     """
     rho = validate_rho(rho)
     sc = np.asarray(scores, dtype=float)
     ln = np.asarray(lengths, dtype=float)
-    ok = np.asarray(parsed, dtype=bool)
-    if sc.ndim != 1 or sc.shape != ln.shape or sc.shape != ok.shape:
+    parsed_mask = np.asarray(parsed, dtype=bool)
+    cut = np.zeros_like(parsed_mask) if truncated is None else np.asarray(truncated, dtype=bool)
+    if sc.ndim != 1 or len({sc.shape, ln.shape, parsed_mask.shape, cut.shape}) != 1:
         raise TPODataError(
-            f"Scores {sc.shape}, lengths {ln.shape} and parsed {ok.shape} differ in shape.",
-            "Pass one score, one length and one parsed flag per sample of the instruction.",
+            f"Scores {sc.shape}, lengths {ln.shape}, parsed {parsed_mask.shape} and truncated "
+            f"{cut.shape} differ in shape.",
+            "Pass one score, one length, one parsed and one truncated flag per sample of the instruction.",
         )
     if sc.size == 0:
         raise TPODataError("An instruction has no samples.", "Generate at least two samples per instruction.")
     if sc.size == 1:
         return Drop(DROP_SINGLE_SAMPLE)
+    ok = parsed_mask & ~cut
     if not check_finite(sc[ok]).all():
         return Drop(DROP_NON_FINITE)
     valid = np.flatnonzero(ok)
-    failures = np.flatnonzero(~ok) if reject_parse_failures else np.array([], dtype=int)
-    if valid.size == 0:
+    if not parsed_mask.any():
         return Drop(DROP_NO_VALID)
-    if valid.size == 1 and failures.size == 0:
+    if valid.size == 0:
+        return Drop(DROP_ALL_TRUNCATED)
+    rejectable = reject_parse_failures and not ok.all()
+    if valid.size == 1 and not rejectable:
         return Drop(DROP_SINGLE_VALID)
 
     s = length_controlled(sc[valid], ln[valid], rho)
@@ -115,8 +131,12 @@ def select_pair(
     best = int(np.argmax(s))
     chosen = int(valid[best])
     gap: float | None = None
-    if failures.size:
-        rejected = int(failures[0])
+    failed, cut_off = np.flatnonzero(~parsed_mask), np.flatnonzero(parsed_mask & cut)
+    if rejectable and failed.size:
+        rejected = int(failed[0])
+    elif rejectable:
+        # No usable score (NaN) counts as the worst.
+        rejected = int(cut_off[np.argmin(np.nan_to_num(sc[cut_off], nan=-np.inf))])
     elif (no_spread(sc[valid]) and not length_breaks_ties) or np.ptp(s) <= _EQUAL_ATOL:
         return Drop(DROP_ALL_EQUAL)
     else:
@@ -127,13 +147,16 @@ def select_pair(
     norm: list[float | None] = [None] * sc.size
     for i, v in zip(valid, s):
         norm[int(i)] = float(v)
-    rejected_parsed = bool(ok[rejected])
+    rejected_parsed = bool(parsed_mask[rejected])
+    # A truncated rejected sample keeps the score the judge gave it, when usable.
+    rejected_score = float(sc[rejected]) if rejected_parsed and math.isfinite(sc[rejected]) else None
     return PairChoice(
         chosen=chosen,
         rejected=rejected,
         rejected_parsed=rejected_parsed,
+        rejected_truncated=bool(cut[rejected]),
         chosen_score=float(sc[chosen]),
-        rejected_score=float(sc[rejected]) if rejected_parsed else None,
+        rejected_score=rejected_score,
         chosen_length=int(ln[chosen]),
         rejected_length=int(ln[rejected]),
         score_gap=gap,
@@ -156,17 +179,18 @@ class Selection:
 
 def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: bool = True,
                  length_breaks_ties: bool = False) -> Selection:
-    """Run :func:`select_pair` on every ``(scores, lengths, parsed)`` group."""
+    """Run :func:`select_pair` on every ``(scores, lengths, parsed[, truncated])`` group."""
     rho = validate_rho(rho)
     pairs: list[tuple[int, PairChoice]] = []
     dropped: list[tuple[int, str]] = []
     n_samples = n_parsed = 0
-    for i, (scores, lengths, parsed) in enumerate(groups):
+    for i, (scores, lengths, parsed, *truncated) in enumerate(groups):
         mask = np.asarray(parsed, dtype=bool)
         n_samples += mask.size
         n_parsed += int(mask.sum())
         choice = select_pair(scores, lengths, mask, rho, reject_parse_failures=reject_parse_failures,
-                             length_breaks_ties=length_breaks_ties)
+                             length_breaks_ties=length_breaks_ties,
+                             truncated=truncated[0] if truncated else None)
         if isinstance(choice, Drop):
             dropped.append((i, choice.reason))
         else:

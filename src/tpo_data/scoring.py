@@ -34,7 +34,10 @@ POSITION_BIAS_MIN_SHARE = 0.7
 POSITION_BIAS_P = 0.01
 
 # One group per instruction: (judge scores, response lengths, valid mask).
-Group = tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray, Sequence[bool] | np.ndarray]
+_Values = Sequence[float] | np.ndarray
+_Mask = Sequence[bool] | np.ndarray
+# (scores, lengths, parsed) or (scores, lengths, parsed, truncated), one per instruction.
+Group = tuple[_Values, _Values, _Mask] | tuple[_Values, _Values, _Mask, _Mask]
 
 
 def win_matrix(k: int, judgments: Iterable[tuple[int, int, int]]) -> np.ndarray:
@@ -234,8 +237,8 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
              reject_parse_failures: bool = True, length_breaks_ties: bool = False) -> AutoRho:
     """Smallest rho in ``grid`` whose pairs have mean chosen length <= mean rejected length.
 
-    ``groups`` holds one ``(scores, lengths, valid_mask)`` per instruction
-    (valid = parsed). Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
+    ``groups`` holds one ``(scores, lengths, parsed[, truncated])`` per
+    instruction. Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
     does with the same options, so the condition holds for the
     pairs that are written; pairs whose rejected sample is a parse failure count
     too, with the length the caller passed for it. A rho that keeps no pair

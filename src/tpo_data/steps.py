@@ -84,7 +84,10 @@ JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_firs
 JUDGE_COLUMNS = ("scores", *JUDGE_COUNTERS)
 # The columns a finished row keeps in checkpoints and the iteration ledger.
 KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
-        "model_name", *JUDGE_COLUMNS)
+        "truncated", "model_name", *JUDGE_COLUMNS)
+# Where distilabel puts the engine's per-sample finish reasons (an LLM output's extra
+# key ``finish_reason`` becomes ``llm_<task name>_finish_reason``; the task is "generate").
+FINISH_COLUMN = "llm_generate_finish_reason"
 
 
 def is_finished(row: dict, judged: bool) -> bool:
@@ -106,7 +109,11 @@ def write_checkpoint(directory: str | Path, rows: list[dict]) -> None:
 
 
 class SplitThoughts(Step):
-    """Split each sample at the response separator; count parse failures per row."""
+    """Split each sample at the response separator; flag parse failures and truncated samples.
+
+    ``truncated`` is True where the engine stopped a sample at the token limit
+    (OpenAI's finish reason "length"), None where the engine did not say.
+    """
 
     separator: str | None = None
     thought_marker: str | None = None
@@ -117,7 +124,7 @@ class SplitThoughts(Step):
 
     @property
     def outputs(self) -> list[str]:
-        return ["thoughts", "responses", "parsed", "engine_ok"]
+        return ["thoughts", "responses", "parsed", "truncated", "engine_ok"]
 
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         for row in inputs:
@@ -130,6 +137,10 @@ class SplitThoughts(Step):
             row["thoughts"] = [s.thought for s in splits]
             row["responses"] = [s.response for s in splits]
             row["parsed"] = [s.parsed for s in splits]
+            reasons = row.pop(FINISH_COLUMN, None)
+            if not (ok and isinstance(reasons, list) and len(reasons) == len(samples)):
+                reasons = [None] * len(splits)
+            row["truncated"] = [None if r is None else r == "length" for r in reasons]
         yield inputs
 
 
