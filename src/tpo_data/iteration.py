@@ -85,15 +85,17 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
 
 def summarize_generation(result: GenerationResult) -> str:
     failed = result.samples - result.parsed
-    cut = sum(sum(truncated(row)) for row in result.rows)
-    # Rows generated before the flag existed, or by an engine that gives no finish reason.
+    # Unknown: rows generated before the flag existed, or by an engine that gives no finish reason.
     unknown = sum(unknown_truncation(row) for row in result.rows)
-    cut = ("; cut off at max_new_tokens: "
-           + ("unknown" if unknown == result.samples else str(cut) + (f" (unknown for {unknown})" if unknown else "")))
+    if unknown == result.samples:
+        cut = "unknown"
+    else:
+        cut = str(sum(sum(truncated(row)) for row in result.rows))
+        cut += f" (unknown for {unknown})" if unknown else ""
     return (
         f"Samples: {result.samples} for {len(result.rows)} instructions in {result.path}\n"
         f"Parsed: {result.parsed}/{result.samples} ({result.parse_rate:.1%}); "
-        f"parse failures (no separator): {failed}{cut}"
+        f"parse failures (no separator): {failed}; cut off at max_new_tokens: {cut}"
     )
 
 

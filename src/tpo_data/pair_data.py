@@ -52,16 +52,24 @@ def sample_lengths(row: dict) -> list[int]:
             for generation, response, ok in zip(row["generation"], row["responses"], row["parsed"])]
 
 
+def _flags(row: dict) -> list[bool | None]:
+    # Rows generated before the flag existed have none: every sample unknown.
+    return row.get("truncated") or [None] * len(row["generation"])
+
+
 def truncated(row: dict) -> list[bool]:
     """Whether each sample stopped at the token limit (False where unknown)."""
-    flags = row.get("truncated") or [None] * len(row["generation"])
-    return [bool(flag) for flag in flags]
+    return [bool(flag) for flag in _flags(row)]
 
 
 def unknown_truncation(row: dict) -> int:
     """Samples of ``row`` whose finish reason is unknown (older rows, engines that give none)."""
-    flags = row.get("truncated") or [None] * len(row["generation"])
-    return sum(flag is None for flag in flags)
+    return sum(flag is None for flag in _flags(row))
+
+
+def _selection_cut(row: dict, judge: JudgeArguments) -> list[bool]:
+    """The truncated mask selection applies: the flags under ``reject_truncated``, else none."""
+    return truncated(row) if judge.reject_truncated else [False] * len(row["parsed"])
 
 
 def _scores(row: dict) -> list[float]:
@@ -74,14 +82,9 @@ def _finite_or_none(score: float | None) -> float | None:
     return score if score is not None and math.isfinite(score) else None
 
 
-def _valid(row: dict, judge: JudgeArguments) -> list[bool]:
-    cut = truncated(row) if judge.reject_truncated else [False] * len(row["parsed"])
-    return [bool(ok) and not c for ok, c in zip(row["parsed"], cut)]
-
-
 def _norm_scores(row: dict, rho: float, judge: JudgeArguments) -> list[float | None]:
     """Length-controlled s of the valid samples, as selection saw them (None when not computable)."""
-    valid = [i for i, ok in enumerate(_valid(row, judge)) if ok]
+    valid = [i for i, (ok, cut) in enumerate(zip(row["parsed"], _selection_cut(row, judge))) if ok and not cut]
     values = [_scores(row)[i] for i in valid]
     norm: list[float | None] = [None] * len(row["parsed"])
     if valid and check_finite(values).all():
@@ -101,8 +104,7 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
             "Rerun the iteration with a judge (--judge pairwise or reward_model); only the "
             "unjudged instructions are processed again.",
         )
-    groups = [(_scores(r), sample_lengths(r), r["parsed"], truncated(r) if judge.reject_truncated
-               else [False] * len(r["parsed"])) for r in rows]
+    groups = [(_scores(r), sample_lengths(r), r["parsed"], _selection_cut(r, judge)) for r in rows]
     fixed = judge.rho_value()
     options = {"reject_parse_failures": judge.reject_parse_failures,
                "length_breaks_ties": judge.length_breaks_ties}
