@@ -40,6 +40,7 @@ from tpo_data.curation import (
     majority_label,
     pull_reviews,
     push_for_review,
+    review_fields,
 )
 from tpo_data.errors import TPODataError
 from tpo_data.store import LocalStore
@@ -269,6 +270,36 @@ def _reviewed(owner, workspace, store):
     push_for_review(store, "iter-1", owner, workspace=workspace)  # upserts: no duplicates, answers kept
     dataset.records.delete([records["q6"]])
     return store, dataset, reviewer
+
+
+def test_default_review_dataset_is_one_versions(tmp_path):
+    def store_of(run):
+        store = LocalStore(tmp_path / run / "store")
+        manifest = {"iteration": 1, "parent_model": run, "recipe": {}, "seed": 0}
+        store.write_version("iter-1", make_version(1, "q"), manifest, "# iter-1\n")
+        return store
+
+    a, b = store_of("run-a"), store_of("run-b")
+    name = default_dataset_name(a, "iter-1")
+    assert name.startswith("tpo-run-a-iter-1-") and name == default_dataset_name(a, "iter-1")
+    # Every run's store folder is "store": the names still differ, by run and by content.
+    assert default_dataset_name(b, "iter-1").startswith("tpo-run-b-iter-1-")
+    twin = LocalStore(tmp_path / "elsewhere" / "run-a" / "store")
+    twin.write_version("iter-1", make_version(1, "q"), {"iteration": 1, "parent_model": "x", "recipe": {}, "seed": 0},
+                       "# iter-1\n")
+    assert default_dataset_name(twin, "iter-1") != name
+
+
+def test_review_shows_the_whole_output_of_a_parse_failure():
+    row = make_version(1, "q")["pairs"][0]
+    raw = "I think the answer is four, and I never wrote the separator."
+    row.update(rejected=[{"role": "assistant", "content": raw}], rejected_thought="", rejected_response="")
+    fields = review_fields(row)
+    assert fields["rejected_thought"] is None
+    assert fields["rejected_response"].startswith("*Parse failure") and fields["rejected_response"].endswith(raw)
+    # A parsed side shows its thought and response as they are.
+    assert (fields["chosen_thought"], fields["chosen_response"]) == (row["chosen_thought"], row["chosen_response"])
+    assert fields["instruction"] == row["instruction"]
 
 
 @pytest.mark.argilla

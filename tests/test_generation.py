@@ -179,8 +179,15 @@ def test_instruction_longer_than_context(tiny_lm, tmp_path):
                        "--output_dir", str(tmp_path / "o")])
     assert "do not fit the model's context of 2048 tokens" in str(err.value)
     assert "row-0" in str(err.value) and "row-1" not in str(err.value)
-    # Nothing was generated for a run that was refused.
+    # Nothing was generated for a run that was refused, and its slice is not used up:
+    # the same iteration runs on the fixed source.
     assert not (tmp_path / "o" / "iter-1" / "generations.jsonl").exists()
+    assert not (tmp_path / "o" / "slices.json").exists()
+    _write_jsonl(source, [{"instruction": "word " * 30}, {"instruction": "short one"}])
+    generate_main(["--config", RECIPE, "--model", str(tiny_lm), "--instructions", str(source),
+                   "--instructions_per_iteration", "2", "--holdout_size", "0",
+                   "--output_dir", str(tmp_path / "o")])
+    assert len((tmp_path / "o" / "iter-1" / "generations.jsonl").read_text().splitlines()) == 2
 
 
 def test_cli_errors_exit_2_with_problem_and_fix(tmp_path):

@@ -7,6 +7,8 @@ here independently.
 """
 
 import json
+import shutil
+import time
 
 import pytest
 import torch
@@ -145,6 +147,19 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
     with pytest.raises(TPODataError, match=r"held-out instructions were trained on .*slices\.json"):
         eval_main([*eval_args, "--model", str(tiny_lm), "--holdout_size", "300"])
 
+    # M1 retrained at the same path is another generator: iteration 2's samples (from the
+    # old M1) are not reused for it, and nothing already generated is touched.
+    trained_before = json.loads((m1 / "lineage.json").read_text())["created"]
+    ledger2 = out / "iter-2" / "generations.jsonl"
+    generated2 = ledger2.read_bytes()
+    shutil.rmtree(m1)
+    time.sleep(1.1)  # lineage "created" has one-second resolution
+    with pytest.raises(TPODataError, match=r"(?s)model_trained was \S+, now \S+\..*was retrained after these samples") as err:
+        loop_main(_args(tiny_lm, rm, out, "--iterations", "2"))
+    assert trained_before in str(err.value)
+    assert json.loads((m1 / "lineage.json").read_text())["created"] != trained_before
+    assert ledger2.read_bytes() == generated2
+
 
 def test_loop_needs_a_judge_and_iterations(tiny_lm, tmp_path):
     with pytest.raises(TPODataError, match="--judge none"):
@@ -237,3 +252,53 @@ def test_training_resumes_from_the_last_complete_checkpoint(tmp_path):
         (out / f"checkpoint-{step}" / "trainer_state.json").unlink()
     cmd = train_command(LoopArguments(), tmp_path / "store", "iter-1", "embedded", out)
     assert "--resume_from_checkpoint" not in cmd and "--overwrite_output_dir" in cmd
+
+
+def test_launcher_comes_from_this_environment(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from tpo_data.loop import LoopArguments, train, train_command
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("beta: 0.1\n")
+    loop = LoopArguments(launcher="accelerate launch --num_processes 2", train_config=str(recipe))
+    monkeypatch.setenv("PATH", "/nonexistent")  # a shell without the venv activated
+    cmd = train_command(loop, tmp_path / "store", "iter-1", "embedded", tmp_path / "m")
+    assert cmd[:4] == [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2"]
+    assert Path(cmd[0]).is_file()
+    with pytest.raises(TPODataError, match=r"(?s)launcher .no-such-launcher. was not found .*finished iterations are kept"):
+        train(LoopArguments(launcher="no-such-launcher --x", train_config=str(recipe)),
+              tmp_path / "store", "iter-1", "embedded", tmp_path / "m")
+
+
+def test_recipes_are_shared_and_checked(tmp_path):
+    from tpo_data.cli import parse_recipe, recipe_parser
+    from tpo_data.evaluation import EvalArguments
+    from tpo_data.iteration import ARGUMENT_TYPES
+    from tpo_data.loop import LoopArguments
+
+    recipe = tmp_path / "loop.yaml"
+    recipe.write_text("iterations: 3\nbaseline: true\neval_size: 7\nnum_samples: 4\n")
+    generate = recipe_parser(ARGUMENT_TYPES, "tpo-data generate")
+    evaluate = recipe_parser((*ARGUMENT_TYPES, EvalArguments), "tpo-data eval")
+    # One recipe for iterate, generate and eval: each reads its own keys.
+    *_, loop, eval_args = parse_recipe(recipe_parser((*ARGUMENT_TYPES, LoopArguments, EvalArguments)),
+                                       ["--config", str(recipe)])
+    assert (loop.iterations, loop.baseline, eval_args.eval_size) == (3, True, 7)
+    _, _, sampling, _, _ = parse_recipe(generate, [f"--config={recipe}", "--num_samples", "6"],
+                                        also_reads=(LoopArguments, EvalArguments))
+    assert sampling.num_samples == 6  # the command line overrides the recipe
+    *_, eval_args = parse_recipe(evaluate, ["--config", str(recipe)], also_reads=(LoopArguments,))
+    assert eval_args.eval_size == 7
+    # What nobody reads is named, with the fix; nothing is guessed.
+    recipe.write_text("num_sample: 4\n")
+    with pytest.raises(TPODataError, match="no option of tpo-data generate reads: num_sample"):
+        parse_recipe(generate, ["--config", str(recipe)], also_reads=(LoopArguments, EvalArguments))
+    with pytest.raises(TPODataError, match="Unknown option.*--num_sample 4"):
+        parse_recipe(generate, ["--num_sample", "4"])
+    with pytest.raises(TPODataError, match="recipe '.*nope.yaml' .* is not a file"):
+        parse_recipe(generate, ["--config", str(tmp_path / "nope.yaml")])
+    recipe.write_text("- a list\n")
+    with pytest.raises(TPODataError, match="cannot be read: .*must contain a YAML mapping"):
+        parse_recipe(generate, ["--config", str(recipe)])

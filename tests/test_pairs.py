@@ -15,6 +15,7 @@ from tpo_data.pairs import (
     DROP_ALL_EQUAL,
     DROP_ALL_TRUNCATED,
     DROP_NO_VALID,
+    DROP_NO_VERDICT,
     DROP_NON_FINITE,
     DROP_REASONS,
     DROP_SINGLE_SAMPLE,
@@ -246,6 +247,7 @@ def test_select_pairs_counts_drops_and_summarize():
     assert stats["drops"] == {
         DROP_SINGLE_SAMPLE: 1,
         DROP_NON_FINITE: 1,
+        DROP_NO_VERDICT: 0,
         DROP_NO_VALID: 1,
         DROP_ALL_TRUNCATED: 1,
         DROP_ALL_EQUAL: 1,
@@ -256,6 +258,16 @@ def test_select_pairs_counts_drops_and_summarize():
     assert stats["mean_chosen_length"] == pytest.approx((30 + 20 + 9) / 3)
     assert stats["mean_rejected_length"] == pytest.approx((10 + 99 + 8) / 3)
     assert stats["rho"] == 0.0
+
+    relabeled = selection.relabel({5: DROP_NO_VERDICT})
+    assert relabeled.dropped[3] == (5, DROP_NO_VERDICT) and relabeled.dropped[:3] == selection.dropped[:3]
+    assert summarize(relabeled)["drops"][DROP_NO_VERDICT] == 1
+    assert summarize(relabeled)["drops"][DROP_NON_FINITE] == 0
+    assert relabeled.pairs == selection.pairs
+    with pytest.raises(ValueError, match="not dropped \\[0\\]"):
+        selection.relabel({0: DROP_NO_VERDICT})  # a kept pair cannot be relabeled as a drop
+    with pytest.raises(ValueError, match="unknown reasons \\['oops'\\]"):
+        selection.relabel({5: "oops"})
 
 
 def test_summarize_empty():

@@ -125,6 +125,15 @@ def test_pairwise_judge_without_decisive_verdicts_gives_no_scores():
     assert [r["judge_unparsable"] for r in rows] == [2, 6]
     assert rows[0]["scores"][1] is None and math.isnan(rows[0]["scores"][0])
 
+    # Both are dropped and named for what happened; a NaN reward keeps its own name.
+    for i, row in enumerate(rows):
+        row.update(id=f"q{i}", category="c", generation=list(row["responses"]))
+    nan_reward = _row([0.1, math.nan, 0.3], [True, True, True], id_="rm")
+    data = build_iteration_data([*rows, nan_reward], PRESETS["direct"], JudgeArguments(rho="0"), iteration=1)
+    assert data.pairs == []
+    assert {k: v for k, v in data.stats["drops"].items() if v} == {"no_verdict": 2, "non_finite_score": 1}
+    assert "dropped: non_finite_score=1, no_verdict=2" in format_stats(data.stats)
+
 
 def test_pairwise_tournament_call_budget():
     rows, rounds = _run_judge("tournament", 8)
@@ -253,7 +262,7 @@ def test_pairwise_pipeline_round_robin_counts(tiny_lm, tmp_path, capsys):
             assert all(math.isnan(s) for s in row["scores"] if s is not None)
             undecided += 1
     stats = json.loads((out / "iter-1" / "pairs_stats.json").read_text())
-    assert stats["drops"]["non_finite_score"] == undecided
+    assert stats["drops"]["no_verdict"] == undecided and stats["drops"]["non_finite_score"] == 0
     printed = capsys.readouterr().out
     calls = sum(r["judge_calls"] for r in rows)
     assert calls > 0
@@ -301,6 +310,22 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
     tpo_main(args)
     assert f"Pairs kept: {pairs.num_rows}/4 instructions" in capsys.readouterr().out
     assert (store.path("iter-1") / "manifest.json").read_bytes() == manifest
+    # So does one that stopped after writing the version, before its statistics.
+    (out / "iter-1" / "pairs_stats.json").unlink()
+    tpo_main(args)
+    assert f"Pairs kept: {pairs.num_rows}/4 instructions" in capsys.readouterr().out
+    # Another judge for the same iteration is refused: its scores would mix with these.
+    with pytest.raises(TPODataError, match=r"(?s)holds 4 instructions judged with other settings: "
+                                           r"judge was \"reward_model\", now \"pairwise\".*--output_dir"):
+        tpo_main([*args, "--judge", "pairwise"])
+    # Another run sharing the store is not handed this run's version as its own.
+    other = _args(tiny_lm, tmp_path / "other", "--judge", "reward_model", "--judge_model", str(rm),
+                  "--rho", "0.1", "--slice_seed", "7", "--store", str(out / "store"))
+    with pytest.raises(TPODataError, match="Version iter-1 in store .* was written by another run: "
+                                           "its instruction ids"):
+        tpo_main(other)
+    assert (store.path("iter-1") / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "other" / "iter-1" / "pairs_stats.json").exists()
 
     _dpo_two_steps(tiny_lm, pairs, tmp_path / "dpo")
 

@@ -505,3 +505,23 @@ def test_split_keeps_every_row_of_a_test_instruction_out_of_training():
     # At least one instruction always stays for training.
     train, test = split_rows(rows, 1000, 0)
     assert len({r["instruction"] for r in train}) == 1 and len(test) == len(rows) - len(train)
+
+
+def test_pit_stages_train_in_float32_from_a_bf16_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from tiny_models import make_tiny_causal_lm
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tpo_data.pit_training import _load
+
+    path = make_tiny_causal_lm(tmp_path / "lm")
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
+    assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.bfloat16  # transformers 5 keeps it
+    plain = SimpleNamespace(model_init_kwargs=None)
+    assert _load(AutoModelForCausalLM, str(path), plain).dtype == torch.float32
+    rm = _load(AutoModelForSequenceClassification, str(path), plain, num_labels=1)
+    assert rm.dtype == torch.float32 and rm.score.weight.dtype == torch.float32
+    # The recipe's model_init_kwargs still decide when they name a dtype.
+    chosen = SimpleNamespace(model_init_kwargs={"dtype": torch.bfloat16})
+    assert _load(AutoModelForCausalLM, str(path), chosen).dtype == torch.bfloat16

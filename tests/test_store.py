@@ -567,3 +567,37 @@ def test_cli_logging_keeps_library_chatter_out():
             assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     finally:
         root.setLevel(before)
+
+
+_LEAKY_MAIN = """
+import os, sys
+import distilabel  # installs rich tracebacks with show_locals=True
+from tpo_data.cli import {entry}
+
+def main(*_):
+    token = os.environ["HF_TOKEN"]  # a local variable, as in hub.push_iteration
+    raise {error}
+
+{call}
+"""
+
+
+@pytest.mark.parametrize("entry, call, error, status, printed", [
+    # Unguarded: what distilabel's hook prints, so the test below can fail.
+    ("run_main", "main()", "RuntimeError('hub went away')", 1, "hub went away"),
+    ("run_main", "run_main(main)", "RuntimeError('hub went away')", 1, "RuntimeError: hub went away"),
+    ("run_main", "run_main(main)", "KeyboardInterrupt()", 130, "interrupted: rerun the same command"),
+    ("guarded", "sys.exit(guarded(main))", "ValueError('bad ' + token)", 1, "ValueError: bad ***"),
+])
+def test_uncaught_errors_never_print_secrets(entry, call, error, status, printed) -> None:
+    token = "hf_" + "Q" * 34
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAKY_MAIN.format(entry=entry, call=call, error=error)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_TOKEN": token, "COLUMNS": "200"},
+    )
+    assert proc.returncode == status, proc.stderr
+    assert printed in proc.stderr
+    if call == "main()":
+        assert token in proc.stderr  # distilabel 1.5.3's traceback shows the local variable
+    else:
+        assert token not in proc.stderr and "QQQQQQQQ" not in proc.stderr

@@ -1,7 +1,8 @@
 """``tpo-data`` command line and the error handling shared by the scripts.
 
 A :class:`TPODataError` is printed as a short message with its fix and exits
-with status 2, without a traceback; secrets are scrubbed from it.
+with status 2, without a traceback; secrets are scrubbed from it, and from the
+traceback of any other error (:func:`guarded`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tpo_data import cli_argilla, cli_pit, cli_store, cli_train
@@ -21,9 +24,49 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
     TrlParser reads before argparse and so never lists."""
     from trl import TrlParser
 
-    return TrlParser(dataclass_types, prog=prog, epilog=(
+    # No abbreviations: "--num_sample 4" must not quietly set --num_samples on a resumable run.
+    return TrlParser(dataclass_types, prog=prog, allow_abbrev=False, epilog=(
         "--config RECIPE.yaml takes defaults from a YAML recipe (see recipes/); flags given on "
         "the command line override it."))
+
+
+def parse_recipe(parser: Any, argv: list[str] | None, also_reads: tuple[type, ...] = ()) -> tuple:
+    """``parser.parse_args_and_config`` with user errors as :class:`TPODataError`.
+
+    A missing or malformed recipe, an unknown flag, or a recipe key that no option reads
+    gets a message naming it. Keys of ``also_reads`` (dataclasses of sibling commands that
+    share the recipe, e.g. the loop's for ``eval``) are ignored.
+    """
+    import dataclasses
+
+    import yaml
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    # TrlParser finds only "--config PATH"; "--config=PATH" would reach argparse as unknown.
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    recipe = None
+    if "--config" in args:
+        at = args.index("--config")
+        recipe = args[at + 1] if at + 1 < len(args) else None
+        if recipe is None or not Path(recipe).is_file():
+            raise TPODataError(f"The recipe {recipe!r} (--config) is not a file.",
+                               "Pass a YAML recipe, for example --config recipes/tpo-smollm2.yaml.")
+    try:
+        *parsed, from_recipe, from_cli = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True)
+    except (ValueError, yaml.YAMLError) as err:
+        raise TPODataError(f"The recipe {recipe} cannot be read: {err}",
+                           "Fix the YAML: a mapping of option names to values, as in recipes/.") from None
+    if from_cli:
+        raise TPODataError(f"Unknown option(s): {' '.join(from_cli)}.",
+                           f"`{parser.prog} --help` lists the options (full names only).")
+    shared = {f.name for kind in also_reads for f in dataclasses.fields(kind)}
+    unknown = [key[2:] for key in from_recipe[::2] if key[2:] not in shared]
+    if unknown:
+        raise TPODataError(f"The recipe {recipe} has key(s) that no option of {parser.prog} reads: "
+                           f"{', '.join(unknown)}.",
+                           f"Fix their spelling (`{parser.prog} --help` lists the options) or remove them.")
+    return tuple(parsed)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -51,12 +94,31 @@ def report(err: TPODataError) -> int:
     return 2
 
 
-def run_main(main: Callable[[], object]) -> None:
-    """Run a script's main(); user errors become a message and exit status 2."""
+def guarded(func: Callable[[], object]) -> int:
+    """Run ``func``: a user error becomes its message (status 2), Ctrl-C a note (130), and any
+    other exception a traceback without local variables, scrubbed of secrets (status 1).
+
+    Why not let Python print it: importing distilabel installs rich tracebacks with
+    ``show_locals=True``, which print every frame's variables, Hub tokens and API keys included.
+    """
+    from tpo_data.secrets import scrub
+
     try:
-        main()
+        status = func()
     except TPODataError as err:
-        sys.exit(report(err))
+        return report(err)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished work is kept)", file=sys.stderr)
+        return 130
+    except Exception:
+        print(scrub(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's main() under :func:`guarded`; exit with its status."""
+    sys.exit(guarded(main))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not recipe_command:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        status = args.func(rest) if recipe_command else args.func(args)
-    except TPODataError as err:
-        return report(err)
-    return status if isinstance(status, int) else 0
+    return guarded(lambda: args.func(rest) if recipe_command else args.func(args))
 
 
 def _run_tpo(rest: list[str]) -> None:

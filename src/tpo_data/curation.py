@@ -246,8 +246,16 @@ def settings_differences(expected: rg.Settings, actual: rg.Settings) -> list[str
 
 
 def default_dataset_name(store: LocalStore, version: str) -> str:
-    """``tpo-<store folder name>-<version>``."""
-    return f"tpo-{Path(store.root).name}-{version}"
+    """``tpo-<run folder>-<version>-<manifest digest>``.
+
+    The digest of the version's manifest (which lists every file's sha256) makes the name
+    one version's: every run's store is called ``store``, and two runs' ``iter-1`` must not
+    share a review dataset, where one's answers would land on the other's pairs.
+    """
+    from tpo_data.store import MANIFEST, sha256_file
+
+    digest = sha256_file(store.path(version) / MANIFEST)[:10]
+    return f"tpo-{Path(store.root).resolve().parent.name}-{version}-{digest}"
 
 
 def _find_dataset(client: rg.Argilla, name: str, workspace: str | None) -> rg.Dataset | None:
@@ -295,6 +303,24 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+PARSE_FAILURE_NOTE = ("*Parse failure: no thought/response separator, so the judge never saw it. "
+                      "The whole output, which DPO trains on:*\n\n")
+
+
+def review_fields(row: Mapping[str, Any]) -> dict[str, str | None]:
+    """What the reviewer sees of a pair: instruction, and thought and response of each side.
+
+    A side that did not parse (as rejected parse failures are) has no response of its own;
+    its field shows the whole output, marked, so the reviewer judges what DPO trains on.
+    """
+    fields = {name: _text(row.get(name)) for name, _, _ in _FIELDS}
+    for side in ("chosen", "rejected"):
+        raw = _text((row.get(side) or [{}])[-1].get("content"))
+        if fields[f"{side}_response"] is None and fields[f"{side}_thought"] is None and raw:
+            fields[f"{side}_response"] = PARSE_FAILURE_NOTE + raw
+    return fields
+
+
 def _record(row: Mapping[str, Any]) -> rg.Record:
     import argilla as rg
 
@@ -307,7 +333,7 @@ def _record(row: Mapping[str, Any]) -> rg.Record:
     }
     return rg.Record(
         id=str(row["instruction_id"]),
-        fields={name: _text(row.get(name)) for name, _, _ in _FIELDS},
+        fields=review_fields(row),
         metadata={k: v for k, v in metadata.items() if v is not None},
         suggestions=[rg.Suggestion(LABEL_QUESTION, "yes", agent="tpo-data judge", type="model")],
     )

@@ -178,7 +178,7 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
     A model that the judge's vLLM server serves anyway answers through that server.
     """
     prompt, one = load_prompt(model.prompt), replace(sampling, num_samples=1)
-    answerer = _answerer(path, generation_spec(prompt, one, model.path))
+    answerer = _answerer(path, generation_spec(prompt, one, model.path, path))
     out_dir = folder / "outputs" / f"{model.name}-{answerer}"
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     if any(not ledger.finished(r["id"], False) for r in rows):

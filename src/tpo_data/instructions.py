@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -550,12 +550,14 @@ def source_fingerprint(rows: list[dict], args: InstructionArguments) -> dict:
 
 
 def select_iteration_rows(
-    rows: list[dict], args: InstructionArguments, ledger: SliceLedger, iteration: int
+    rows: list[dict], args: InstructionArguments, ledger: SliceLedger, iteration: int,
+    check: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """The rows iteration ``iteration`` trains on, recorded in ``ledger``.
 
     A resumed iteration gets exactly the rows it had before; a new one takes
-    the next unused slice of the training order.
+    the next unused slice of the training order. ``check`` sees a new slice
+    before it is recorded: a slice it refuses is not burnt.
     """
     fingerprint = source_fingerprint(rows, args)
     by_id = {row["id"]: row for row in rows}
@@ -563,9 +565,12 @@ def select_iteration_rows(
     if ids is None:
         _, training_order = _plan(rows, args)
         ids = next_slice(training_order, ledger.used_ids(), args.instructions_per_iteration)
+    selected = [by_id[id_] for id_ in ids]
+    if check:
+        check(selected)
     # Also re-checks the fingerprint when resuming.
     ledger.record(iteration, ids, fingerprint)
-    return [by_id[id_] for id_ in ids]
+    return selected
 
 
 def select_holdout_rows(rows: list[dict], args: InstructionArguments) -> list[dict]:

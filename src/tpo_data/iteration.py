@@ -17,6 +17,7 @@ from pathlib import Path
 from tpo_data import hub
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
+from tpo_data.files import write_text_atomic
 from tpo_data.instructions import (
     InstructionArguments,
     SliceLedger,
@@ -25,7 +26,7 @@ from tpo_data.instructions import (
 )
 from tpo_data.judges import POLICY, JudgeArguments
 from tpo_data.models import resolve_model
-from tpo_data.pair_data import build_iteration_data, format_stats, to_datasets, truncated, unknown_truncation
+from tpo_data.pair_data import IterationData, build_iteration_data, format_stats, to_datasets, truncated, unknown_truncation
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
@@ -66,21 +67,25 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
     out_dir = run.iteration_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = SliceLedger(Path(run.output_dir) / "slices.json")
-    rows = select_iteration_rows(rows, instructions, ledger, run.iteration)
-
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if engine.engine == "vllm" and not engine.base_url:
         context = min(context or engine.vllm_max_model_len, engine.vllm_max_model_len)
-    if context:
-        check_context(rows, prompt, tokenizer, sampling.max_new_tokens, context)
 
-    (out_dir / "run_config.json").write_text(json.dumps({
+    def fits(selected: list[dict]) -> None:
+        if context:
+            check_context(selected, prompt, tokenizer, sampling.max_new_tokens, context)
+
+    rows = select_iteration_rows(rows, instructions, ledger, run.iteration, check=fits)
+
+    result = generate_samples(rows, prompt, engine, sampling, run, model_path, judge, judge_path)
+    # After generation: a rerun that generate_samples refuses keeps the settings on record.
+    write_text_atomic(out_dir / "run_config.json", json.dumps({
         "instructions": asdict(instructions), "engine": asdict(engine),
         "sampling": asdict(sampling), "run": asdict(run), "judge": asdict(judge),
         "model_path": model_path, "judge_path": judge_path,
     }, indent=2, default=str))
-    return generate_samples(rows, prompt, engine, sampling, run, model_path, judge, judge_path)
+    return result
 
 
 def summarize_generation(result: GenerationResult) -> str:
@@ -120,7 +125,10 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
         log.info("Version %s already exists in %s; nothing to write", version, store.root)
         return json.loads(stats_path.read_text())
     data = build_iteration_data(result.rows, prompt, judge, run.iteration)
-    if not (store.root / version / MANIFEST).is_file():
+    if (store.root / version / MANIFEST).is_file():
+        # Written by this run before it stopped, or by another run sharing --store.
+        _check_own_version(store, version, result, engine, data)
+    else:
         pairs, candidates = to_datasets(data)
         config_path = run.iteration_dir() / "run_config.json"
         pipeline_yaml = run.iteration_dir() / "pipeline.yaml"
@@ -137,12 +145,36 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
     return data.stats
 
 
+def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
+                       engine: EngineArguments, data: IterationData) -> None:
+    """Refuse to report (and train on) a stored version that this run's rows did not make."""
+    manifest = store.manifest(version)
+    counts = manifest.get("row_counts") or {}
+    mine = {"parent_model": engine.model,
+            "instruction ids": [r["id"] for r in result.rows],
+            "pairs": len(data.pairs), "candidates": len(data.candidates)}
+    stored = {"parent_model": manifest.get("parent_model"),
+              "instruction ids": (manifest.get("instruction_slice") or {}).get("ids"),
+              "pairs": counts.get("pairs"), "candidates": counts.get("candidates")}
+    differ = [k for k in mine if mine[k] != stored[k]]
+    if differ:
+        raise TPODataError(
+            f"Version {version} in store {store.root} was written by another run: its "
+            + ", ".join(differ) + " differ from this run's; versions are immutable.",
+            "Give this run its own store (--store, default <output_dir>/store) or another "
+            "--iteration; this run's generations are kept in its output folder.",
+        )
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> GenerationResult:
     """Parse ``--config recipe.yaml`` plus CLI overrides (TRL style) and run the stage."""
-    from tpo_data.cli import recipe_parser
+    from tpo_data.cli import parse_recipe, recipe_parser
+    from tpo_data.evaluation import EvalArguments
+    from tpo_data.loop import LoopArguments
 
-    parser = recipe_parser(ARGUMENT_TYPES, prog)
-    instructions, engine, sampling, run, judge = parser.parse_args_and_config(argv)
+    # The loop's recipe also runs one iteration: its loop and eval keys are not for this stage.
+    instructions, engine, sampling, run, judge = parse_recipe(
+        recipe_parser(ARGUMENT_TYPES, prog), argv, also_reads=(LoopArguments, EvalArguments))
     hub.check_push_to_hub(run.push_to_hub, judged=judge.judge != "none")
     result = run_generation(instructions, engine, sampling, run, judge)
     print(summarize_generation(result))

@@ -22,7 +22,8 @@ the judge gave nothing usable), ``judge_calls``, ``judge_unparsable``
 from the forced continuation, below) and ``judge_first_wins`` (decided calls
 won by the response shown first, the judge's position bias: about half for a
 fair judge); both are always 0 for reward models. NaN scores
-make ``pairs.select_pair`` drop the instruction (``non_finite_score``).
+make ``pairs.select_pair`` drop the instruction (``non_finite_score``; named
+``no_verdict`` in the statistics when a pair-wise judge decided none of its calls).
 
 Forced verdicts. A weak judge (the embedded SmolLM2-135M) reasons but almost
 never ends with ``[[A]]``/``[[B]]``. With ``force_verdict`` (the default), every
@@ -247,6 +248,11 @@ class Verdict:
         return {1: "A", -1: "B"}.get(self.r)
 
 
+def _outcome(letter: str | None) -> int:
+    """+1 when the response shown first (A) wins, -1 when B does, 0 for a tie or no verdict."""
+    return {"A": 1, "B": -1}.get(letter or "", 0)
+
+
 # "A" or "B" as a letter of its own: "A]]", "B", "A ..." but not "Assistant", "Both", "Better".
 _FORCED_LETTER = re.compile(r"[ \t]*([AB])(?![a-z])")
 
@@ -277,7 +283,7 @@ def judge_calls(llm: LLM, calls: Sequence[tuple[str, str, str]],
     outputs = llm.generate_outputs(inputs=messages, num_generations=1, **llm.get_generation_kwargs())
     judgments = [(output.get("generations") or [None])[0] or "" for output in outputs]
     letters = [parse_verdict(j, s) for j, s in zip(judgments, shown)]
-    verdicts = [Verdict({"A": 1, "B": -1}.get(letter or "", 0), judgment=j)
+    verdicts = [Verdict(_outcome(letter), judgment=j)
                 for j, letter in zip(judgments, letters)]
     # A tie the judge declared ([[C]]) is its verdict (0); only a missing one is forced.
     undecided = [i for i, letter in enumerate(letters) if letter is None]
@@ -287,8 +293,7 @@ def judge_calls(llm: LLM, calls: Sequence[tuple[str, str, str]],
         )
         for i, text in zip(undecided, continuations):
             letter = forced_letter(text)
-            verdicts[i] = replace(verdicts[i], r={"A": 1, "B": -1}.get(letter or "", 0),
-                                  forced=letter is not None, continuation=text)
+            verdicts[i] = replace(verdicts[i], r=_outcome(letter), forced=letter is not None, continuation=text)
     return verdicts
 
 
@@ -457,7 +462,7 @@ class _RowJudging:
 
         When no verdict decided anything (all unparsable or ties), the strengths
         would all be 0 by the prior, not by measurement; the scores are NaN
-        instead, so the instruction is dropped (``non_finite_score``) rather
+        instead, so the instruction is dropped (``no_verdict``) rather
         than paired by length control alone.
         """
         n = len(self.valid)

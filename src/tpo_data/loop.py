@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -126,6 +127,10 @@ def generator(seed_model: str, output_dir: str | Path, iteration: int) -> str:
 def train_command(loop: LoopArguments, store: Path, version: str, parent: str, out: Path) -> list[str]:
     """The training child process: resume a run that died, replace a folder with no checkpoint."""
     launcher = shlex.split(loop.launcher) if loop.launcher else [sys.executable]
+    # "accelerate launch ...": this environment's accelerate, also when it is not on PATH.
+    beside = Path(sys.executable).parent / launcher[0]
+    if loop.launcher and os.sep not in launcher[0] and beside.is_file():
+        launcher[0] = str(beside)
     cmd = [*launcher, "-m", "tpo_data.cli", "train", "--config", loop.train_config,
            "--dataset_store", str(store), "--dataset_version", version, "--model", parent,
            "--output_dir", str(out)]
@@ -146,7 +151,14 @@ def train(loop: LoopArguments, store: Path, version: str, parent: str, out: Path
                            "Pass --train_config recipes/dpo-smollm2.yaml (or your own DPO recipe).")
     cmd = train_command(loop, store, version, parent, out)
     log.info("Training %s on %s: %s", out.name, version, shlex.join(cmd))
-    done = subprocess.run(cmd, check=False)
+    try:
+        done = subprocess.run(cmd, check=False)
+    except FileNotFoundError:
+        raise TPODataError(
+            f"The training launcher {cmd[0]!r} was not found (--launcher {loop.launcher!r}).",
+            "Install it in this environment (pip install accelerate) or pass its full path in "
+            "--launcher; the finished iterations are kept.",
+        ) from None
     if done.returncode != 0 or not (out / LINEAGE).is_file():
         raise TPODataError(
             f"Training of {out} on {version} failed (exit status {done.returncode}); its error is "
@@ -240,12 +252,12 @@ def format_lineage(lineage: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``tpo-data iterate``: the recipe's arguments plus :class:`LoopArguments` and the eval's."""
-    from tpo_data.cli import recipe_parser
+    from tpo_data.cli import parse_recipe, recipe_parser
     from tpo_data.evaluation import EvalArguments, evaluate, format_summary
     from tpo_data.iteration import ARGUMENT_TYPES
 
     parser = recipe_parser((*ARGUMENT_TYPES, LoopArguments, EvalArguments), prog)
-    instructions, engine, sampling, run, judge, loop, eval_args = parser.parse_args_and_config(argv)
+    instructions, engine, sampling, run, judge, loop, eval_args = parse_recipe(parser, argv)
     started = time.perf_counter()
     lineage = run_loop(instructions, engine, sampling, run, judge, loop)
     if loop.baseline:
@@ -266,12 +278,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
 
 def eval_main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``tpo-data eval``: the recipe's arguments plus the eval's."""
-    from tpo_data.cli import recipe_parser
+    from tpo_data.cli import parse_recipe, recipe_parser
     from tpo_data.evaluation import EvalArguments, evaluate, format_summary
     from tpo_data.iteration import ARGUMENT_TYPES
 
     parser = recipe_parser((*ARGUMENT_TYPES, EvalArguments), prog)
-    instructions, engine, sampling, run, judge, eval_args = parser.parse_args_and_config(argv)
+    # The loop's recipe evaluates too: its loop keys are not for this command.
+    instructions, engine, sampling, run, judge, eval_args = parse_recipe(parser, argv, also_reads=(LoopArguments,))
     report = evaluate(instructions, engine, sampling, run, judge, eval_args)
     print(format_summary(report))
     return report

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpo_data.errors import TPODataError
 from tpo_data.judges import JudgeArguments
-from tpo_data.pairs import select_pairs, summarize
+from tpo_data.pairs import DROP_NON_FINITE, DROP_NO_VERDICT, select_pairs, summarize
 from tpo_data.prompts import ThoughtPrompt
 from tpo_data.scoring import auto_rho, check_finite, length_controlled, position_biased
 from tpo_data.steps import JUDGE_COUNTERS
@@ -77,6 +77,12 @@ def _scores(row: dict) -> list[float]:
     return [math.nan if s is None else float(s) for s in row["scores"]]
 
 
+def _undecided(row: dict) -> bool:
+    """Whether a pair-wise judge made calls for ``row`` and none decided (all ties or unparsable)."""
+    calls = row.get("judge_calls") or 0
+    return calls > 0 and (row.get("judge_unparsable") or 0) == calls
+
+
 def _finite_or_none(score: float | None) -> float | None:
     # A NaN score (judge failure) is stored as null: no usable score, like a parse failure.
     return score if score is not None and math.isfinite(score) else None
@@ -111,6 +117,8 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
     auto = None if fixed is not None else auto_rho(groups, **options)
     rho = fixed if auto is None else auto.rho
     selection = select_pairs(groups, rho, **options)
+    selection = selection.relabel({i: DROP_NO_VERDICT for i, reason in selection.dropped
+                                   if reason == DROP_NON_FINITE and _undecided(rows[i])})
 
     pairs = []
     for index, choice in selection.pairs:

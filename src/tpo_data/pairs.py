@@ -18,7 +18,9 @@ Rules (METHOD.md 1.5-1.6, and our choices where the paper is silent):
   parse failure that is rejected), so results are reproducible.
 - An instruction is dropped, with a reason, when no pair exists:
   ``single_sample`` (K = 1), ``non_finite_score`` (a valid sample has a
-  NaN/inf score: the judge misbehaved on this instruction),
+  NaN/inf score: the judge misbehaved on this instruction; the caller relabels
+  it ``no_verdict`` when a pair-wise judge decided none of its calls, see
+  :meth:`Selection.relabel`),
   ``no_valid_candidate`` (nothing parsed), ``all_truncated`` (samples
   parsed, but every one was cut off at the token limit), ``all_equal`` (the judge scored
   every valid sample the same and there is no parse failure to reject; with
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,8 +48,9 @@ DROP_NO_VALID = "no_valid_candidate"
 DROP_ALL_EQUAL = "all_equal"
 DROP_SINGLE_VALID = "single_valid"
 DROP_ALL_TRUNCATED = "all_truncated"
-DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VALID, DROP_ALL_TRUNCATED, DROP_ALL_EQUAL,
-                DROP_SINGLE_VALID)
+DROP_NO_VERDICT = "no_verdict"
+DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VERDICT, DROP_NO_VALID, DROP_ALL_TRUNCATED,
+                DROP_ALL_EQUAL, DROP_SINGLE_VALID)
 
 # Length-controlled scores closer than this are equal (z-scores are O(1)).
 _EQUAL_ATOL = 1e-12
@@ -175,6 +178,20 @@ class Selection:
     n_instructions: int
     n_samples: int
     n_parsed: int
+
+    def relabel(self, reasons: dict[int, str]) -> Selection:
+        """The same selection with the drops of the instructions in ``reasons`` renamed.
+
+        Selection sees only scores; the caller knows why a score is missing
+        (a pair-wise judge that decided nothing has NaN strengths).
+        """
+        unknown = set(reasons.values()) - set(DROP_REASONS)
+        not_dropped = set(reasons) - {i for i, _ in self.dropped}
+        if unknown or not_dropped:
+            raise ValueError(f"Cannot relabel: unknown reasons {sorted(unknown)}, "
+                             f"instructions not dropped {sorted(not_dropped)}.")
+        dropped = [(i, reasons.get(i, reason)) for i, reason in self.dropped]
+        return replace(self, dropped=dropped, drops=Counter(reason for _, reason in dropped))
 
 
 def select_pairs(groups: Sequence[Group], rho: float, *, reject_parse_failures: bool = True,

@@ -32,6 +32,7 @@ from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
 from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_engine_args, judge_sampling
 from tpo_data.prompts import ThoughtPrompt
+from tpo_data.training import trained_at
 
 log = logging.getLogger("tpo_data")
 
@@ -99,8 +100,9 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
             f"{len(too_long)} instruction(s) do not fit the model's context of {context} tokens "
             f"with --max_new_tokens {max_new_tokens}: {', '.join(too_long[:5])}"
             + (" ..." if len(too_long) > 5 else ""),
-            "Shorten or remove those instructions, lower --max_new_tokens, or use a model "
-            "with a longer context.",
+            "Lower --max_new_tokens or use a model with a longer context. Shortening or removing "
+            "those instructions changes the instruction source, which a run with recorded "
+            "iterations refuses: then start it in a new --output_dir.",
         )
 
 
@@ -256,13 +258,16 @@ class GenerationLedger:
 
 
 SPEC = "generation_spec.json"
+JUDGE_SPEC = "judge_spec.json"
 
 
-def generation_spec(prompt: ThoughtPrompt, sampling: SamplingArguments, model: str) -> dict[str, Any]:
-    """What makes a ledger row: the model (as the user named it), the thought prompt, the sampling."""
-    return {"model": model, "prompt": asdict(prompt), "num_samples": sampling.num_samples,
-            "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
+def generation_spec(prompt: ThoughtPrompt, sampling: SamplingArguments, model: str,
+                    model_path: str) -> dict[str, Any]:
+    """What makes a ledger row: the model (as the user named it, and when tpo-data trained the
+    folder, if it did: the loop retrains M_t at the same path), the thought prompt, the sampling."""
+    return {"model": model, "model_trained": trained_at(model_path), "prompt": asdict(prompt),
+            "num_samples": sampling.num_samples, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
 
 
 def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any]) -> None:
@@ -279,17 +284,54 @@ def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any
             f"the same id (first: {changed[0]}): the instruction source changed.",
             "Restore the source the run started with, or use a new --output_dir for the new one.",
         )
-    path = ledger.path.parent / SPEC
-    if ledger.rows and path.is_file():
-        before = json.loads(path.read_text())
-        differ = sorted(k for k in before.keys() | spec.keys() if before.get(k) != spec.get(k))
+    _check_spec(ledger.path.parent / SPEC, spec, len(ledger.rows), "generated",
+                "The model at that path was retrained after these samples were generated: use a new "
+                "--output_dir to run on the retrained model (this run's versions and models stay)."
+                if _differences(ledger.path.parent / SPEC, spec) == ["model_trained"] else
+                "Rerun with the settings it was started with to resume it, or use a new "
+                "--output_dir (or --iteration) for the new settings.")
+
+
+def judge_spec(judge: JudgeArguments, judge_path: str) -> dict[str, Any]:
+    """What makes a row's scores: the judge and, for an LLM judge, how it is asked."""
+    spec: dict[str, Any] = {"judge": judge.judge, "judge_model": judge.judge_model,
+                            "judge_trained": trained_at(judge_path)}
+    if judge.judge == "pairwise":
+        spec.update(judge_mode=judge.judge_mode, judge_max_new_tokens=judge.judge_max_new_tokens,
+                    judge_temperature=judge.judge_temperature, force_verdict=judge.force_verdict)
+    return spec
+
+
+def check_judge(ledger: GenerationLedger, spec: dict[str, Any]) -> None:
+    """Refuse to judge the rest of an iteration with another judge than its judged rows had.
+
+    Scores of two judges are not comparable, and the run statistics would add up both.
+    Pair selection settings (rho, reject_*) are not part of it: they re-select from the scores.
+    """
+    judged = sum(isinstance(row.get("scores"), list) for row in ledger.rows.values())
+    _check_spec(ledger.path.parent / JUDGE_SPEC, spec, judged, "judged",
+                "Rerun with the judge settings it was started with to resume it, or use a new "
+                "--output_dir (or --iteration) to judge with the new ones.")
+
+
+def _differences(path: Path, spec: dict[str, Any]) -> list[str]:
+    """Keys whose recorded value differs from ``spec``; a key the record lacks was added to
+    tpo-data later: unknown, not different."""
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    return sorted(k for k in before if before[k] != spec.get(k))
+
+
+def _check_spec(path: Path, spec: dict[str, Any], done: int, verb: str, fix: str) -> None:
+    """Compare ``spec`` with the one recorded at ``path`` when ``done`` rows depend on it; else record it."""
+    if done and path.is_file():
+        differ = _differences(path, spec)
         if differ:
+            before = json.loads(path.read_text())
             raise TPODataError(
-                f"{ledger.path} holds {len(ledger.rows)} instructions generated with other settings: "
+                f"{path.parent / 'generations.jsonl'} holds {done} instructions {verb} with other settings: "
                 + "; ".join(f"{k} was {json.dumps(before.get(k))}, now {json.dumps(spec.get(k))}"
                             for k in differ) + ".",
-                "Rerun with the settings it was started with to resume it, or use a new "
-                "--output_dir (or --iteration) for the new settings.",
+                fix,
             )
     else:
         write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
@@ -319,7 +361,9 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     out_dir = out_dir or run.iteration_dir()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
-    check_resume(ledger, rows, generation_spec(prompt, sampling, engine.model))
+    check_resume(ledger, rows, generation_spec(prompt, sampling, engine.model, model_path))
+    if judged:
+        check_judge(ledger, judge_spec(judge, judge_path or model_path))
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
     cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
     if pending:

@@ -337,6 +337,18 @@ def _gap_trainer_class():
 # --- stages ------------------------------------------------------------------------------
 
 
+def _load(auto_class: Any, path: str, config, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` in float32 unless ``model_init_kwargs`` say otherwise.
+
+    TRL loads a model given by name in float32; transformers 5's from_pretrained keeps the
+    checkpoint's dtype, and AdamW steps of 1e-5 mostly round away in bf16 weights.
+    """
+    import torch
+
+    init = {"dtype": torch.float32, **(getattr(config, "model_init_kwargs", None) or {}), **kwargs}
+    return auto_class.from_pretrained(path, **init)
+
+
 def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
     """Fine-tune M_PIT to write y_w given (x, y_l); returns the saved model folder."""
     from trl import SFTTrainer
@@ -347,7 +359,7 @@ def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
     if stage.train_layers:
         from transformers import AutoModelForCausalLM
 
-        model = freeze_lower_layers(AutoModelForCausalLM.from_pretrained(path), stage.train_layers,
+        model = freeze_lower_layers(_load(AutoModelForCausalLM, path, config), stage.train_layers,
                                     config.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(path))
     trainer.train()
@@ -361,7 +373,7 @@ def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> P
 
     path = model_path(stage.model, "--model")
     tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = _load(AutoModelForSequenceClassification, path, config, num_labels=1)
     # The head finds each row's last token through the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     freeze_lower_layers(model, stage.train_layers, config.gradient_checkpointing)
@@ -404,7 +416,7 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     ds = rl_dataset(load_rows(data.store, version, TRAIN, data.max_examples))
     policy: Any = path
     if stage.kl_reference or stage.train_layers:
-        policy = freeze_lower_layers(AutoModelForCausalLM.from_pretrained(path), stage.train_layers,
+        policy = freeze_lower_layers(_load(AutoModelForCausalLM, path, config), stage.train_layers,
                                      config.gradient_checkpointing)
     if stage.kl_reference:
         policy.config._name_or_path = model_path(stage.kl_reference, "--kl_reference")

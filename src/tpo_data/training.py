@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import write_text_atomic
 from tpo_data.models import EMBEDDED, EMBEDDED_HUB_ID, resolve_model
 from tpo_data.secrets import scrub
 from tpo_data.store import library_versions
@@ -57,6 +58,23 @@ PAIRS = "pairs"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 LINEAGE = "lineage.json"
 CARD = "README.md"
+
+
+def trained_at(model_path: str | Path) -> str | None:
+    """When tpo-data finished training the model folder (its lineage's ``created``), else None.
+
+    Generation ledgers record it: a model retrained at the same path is another model.
+    """
+    path = Path(model_path) / LINEAGE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))["created"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise TPODataError(
+            f"{path} is unreadable ({type(err).__name__}).",
+            f"Restore it, or retrain that model: remove {path.parent} and rerun the same command.",
+        ) from None
 
 
 @dataclass
@@ -152,9 +170,9 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def parse_args(argv: Sequence[str] | None = None,
                prog: str | None = None) -> tuple[TrainArguments, DPOConfig, ModelConfig]:
-    script_args, training_args, model_args = make_parser(prog).parse_args_and_config(
-        args=None if argv is None else list(argv)
-    )
+    from tpo_data.cli import parse_recipe
+
+    script_args, training_args, model_args = parse_recipe(make_parser(prog), None if argv is None else list(argv))
     return script_args, training_args, model_args
 
 
@@ -520,7 +538,7 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
     import transformers
     from accelerate import PartialState
     from packaging.version import Version
-    from trl import DPOTrainer, get_peft_config
+    from trl import DPOTrainer, get_peft_config, get_quantization_config
 
     state = PartialState()
     if state.is_main_process and not training_args.report_to and not trackio_available():
@@ -547,6 +565,7 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
+        quantization_config=get_quantization_config(model_args),  # --load_in_4bit/8bit, as TRL's dpo.py
         peft_config=get_peft_config(model_args),
     )
     # Model loading, tokenization and the reference precompute all happen before train_runtime starts.
@@ -591,7 +610,8 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "library_versions": library_versions(),
         }
-        (out / LINEAGE).write_text(scrub(json.dumps(lineage, indent=2, default=str)) + "\n")
+        # Atomic: the loop takes a model folder with lineage.json as finished.
+        write_text_atomic(out / LINEAGE, scrub(json.dumps(lineage, indent=2, default=str)) + "\n")
         (out / CARD).write_text(scrub(build_card(lineage, source.label)), encoding="utf-8")
         trainer.accelerator.print(f"model saved to {out} (card: {out / CARD})")
     trainer.accelerator.wait_for_everyone()
