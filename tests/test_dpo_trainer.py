@@ -186,6 +186,14 @@ def test_evaluation_needs_held_out_pairs(store: LocalStore, tmp_path: Path) -> N
     assert "--eval_split" in err.value.fix
 
 
+def test_script_names_a_mistyped_flag(tmp_path: Path) -> None:
+    proc = run_script(SCRIPT, "--config", "recipes/dpo-smollm2.yaml", "--num_train_epoch", "3",
+                      "--output_dir", str(tmp_path / "m"), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Unknown option(s): --num_train_epoch 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_cpu_defaults_and_overrides() -> None:
     script_args, args, _ = parse_args(["--config", "recipes/dpo-smollm2.yaml", "--output_dir", "x"])
     assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing

@@ -244,6 +244,14 @@ def test_changing_the_slicing_plan_mid_run_is_refused(tmp_path, builtin):
         select_iteration_rows(builtin, InstructionArguments(holdout_size=10), ledger, 2)
 
 
+def test_resuming_on_a_source_that_lost_recorded_ids_is_refused(tmp_path, builtin):
+    ledger = SliceLedger(tmp_path / "ledger.json")
+    (first, *_) = select_iteration_rows(builtin, InstructionArguments(), ledger, 1)
+    fewer = [row for row in builtin if row["id"] != first["id"]]
+    with pytest.raises(TPODataError, match="different instruction source .* count was 320, now 319"):
+        select_iteration_rows(fewer, InstructionArguments(), ledger, 1)
+
+
 def test_unreadable_ledger_is_reported(tmp_path):
     path = tmp_path / "ledger.json"
     path.write_text("{not json")

@@ -300,5 +300,16 @@ def test_recipes_are_shared_and_checked(tmp_path):
     with pytest.raises(TPODataError, match="recipe '.*nope.yaml' .* is not a file"):
         parse_recipe(generate, ["--config", str(tmp_path / "nope.yaml")])
     recipe.write_text("- a list\n")
-    with pytest.raises(TPODataError, match="cannot be read: .*must contain a YAML mapping"):
+    with pytest.raises(TPODataError, match="is not a mapping of option names to values"):
         parse_recipe(generate, ["--config", str(recipe)])
+    recipe.write_text("num_samples: [4\n")
+    with pytest.raises(TPODataError, match="is not valid YAML"):
+        parse_recipe(generate, ["--config", str(recipe)])
+    with pytest.raises(TPODataError, match="more than once"):
+        parse_recipe(generate, ["--config", str(recipe), "--config", str(recipe)])
+    # The dataclasses' own checks (here TRL's) name the values, not the YAML.
+    from tpo_data.training import make_parser
+
+    with pytest.raises(TPODataError, match="Invalid option values: .*load_best_model_at_end"):
+        parse_recipe(make_parser(), ["--output_dir", str(tmp_path / "m"), "--load_best_model_at_end", "true",
+                                     "--eval_strategy", "epoch", "--save_strategy", "steps"])

@@ -321,9 +321,19 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
     # Another run sharing the store is not handed this run's version as its own.
     other = _args(tiny_lm, tmp_path / "other", "--judge", "reward_model", "--judge_model", str(rm),
                   "--rho", "0.1", "--slice_seed", "7", "--store", str(out / "store"))
-    with pytest.raises(TPODataError, match="Version iter-1 in store .* was written by another run: "
-                                           "its instruction ids"):
+    with pytest.raises(TPODataError, match="Version iter-1 in store .* is not what this run makes: "
+                                           "its instruction slice differ"):
         tpo_main(other)
+    # Nor is this run with selection settings that pick other pairs, once its statistics are gone.
+    def picks(**judge):
+        judge_args = JudgeArguments(judge="reward_model", reject_truncated=False, **judge)
+        data = build_iteration_data(rows, PRESETS["direct"], judge_args, 1)
+        return [(p["instruction_id"], p["chosen"], p["rejected"]) for p in data.pairs]
+
+    other_rho = next(rho for rho in ("0", "0.5", "0.3", "0.05") if picks(rho=rho) != picks(rho="0.1"))
+    (out / "iter-1" / "pairs_stats.json").unlink()
+    with pytest.raises(TPODataError, match=r"its pairs \(other selection settings"):
+        tpo_main([*args[:-1], other_rho])
     assert (store.path("iter-1") / "manifest.json").read_bytes() == manifest
     assert not (tmp_path / "other" / "iter-1" / "pairs_stats.json").exists()
 

@@ -29,11 +29,11 @@ accelerate launch trainers/dpo.py --config recipes/dpo-smollm2.yaml \
 """
 
 from tpo_data.cli import run_main, setup_logging
-from tpo_data.training import make_parser, train
+from tpo_data.training import parse_args, train
 
 
 def main() -> None:
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
+    script_args, training_args, model_args = parse_args(prog="trainers/dpo.py")
     train(script_args, training_args, model_args)
 
 

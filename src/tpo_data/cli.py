@@ -45,18 +45,28 @@ def parse_recipe(parser: Any, argv: list[str] | None, also_reads: tuple[type, ..
     # TrlParser finds only "--config PATH"; "--config=PATH" would reach argparse as unknown.
     args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     recipe = None
+    if args.count("--config") > 1:
+        raise TPODataError("--config is given more than once.", "Pass one recipe; override its values with flags.")
     if "--config" in args:
         at = args.index("--config")
         recipe = args[at + 1] if at + 1 < len(args) else None
         if recipe is None or not Path(recipe).is_file():
             raise TPODataError(f"The recipe {recipe!r} (--config) is not a file.",
-                               "Pass a YAML recipe, for example --config recipes/tpo-smollm2.yaml.")
+                               "Pass a YAML recipe file (the ones in recipes/ are examples).")
+        try:
+            mapping = isinstance(yaml.safe_load(Path(recipe).read_text(encoding="utf-8")), dict)
+        except yaml.YAMLError as err:
+            raise TPODataError(f"The recipe {recipe} is not valid YAML: {err}",
+                               "Fix the YAML: a mapping of option names to values, as in recipes/.") from None
+        if not mapping:
+            raise TPODataError(f"The recipe {recipe} is not a mapping of option names to values.",
+                               "Write it as `option: value` lines, as in recipes/.")
     try:
         *parsed, from_recipe, from_cli = parser.parse_args_and_config(
             args, return_remaining_strings=True, separate_remaining_strings=True)
-    except (ValueError, yaml.YAMLError) as err:
-        raise TPODataError(f"The recipe {recipe} cannot be read: {err}",
-                           "Fix the YAML: a mapping of option names to values, as in recipes/.") from None
+    except ValueError as err:  # the dataclasses' own checks (e.g. DPOConfig's)
+        raise TPODataError(f"Invalid option values: {err}",
+                           "Change the flags or recipe keys named above.") from None
     if from_cli:
         raise TPODataError(f"Unknown option(s): {' '.join(from_cli)}.",
                            f"`{parser.prog} --help` lists the options (full names only).")

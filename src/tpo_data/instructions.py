@@ -477,8 +477,8 @@ class SliceLedger:
         ids = self._iterations.get(iteration)
         return None if ids is None else list(ids)
 
-    def record(self, iteration: int, ids: list[str], source_fingerprint: dict) -> None:
-        """Record ``ids`` for ``iteration``; recording the same thing again is a no-op."""
+    def check_source(self, source_fingerprint: dict) -> None:
+        """Raise unless the ledger is new or was written for this instruction source and plan."""
         if self._source is not None and self._source != source_fingerprint:
             raise TPODataError(
                 f"The slice ledger {self.path} was written for a different instruction source "
@@ -486,6 +486,10 @@ class SliceLedger:
                 "Run with the same --instructions, column, revision, --holdout_size and "
                 "--slice_seed as before, or use a new output directory for a new run.",
             )
+
+    def record(self, iteration: int, ids: list[str], source_fingerprint: dict) -> None:
+        """Record ``ids`` for ``iteration``; recording the same thing again is a no-op."""
+        self.check_source(source_fingerprint)
         previous = self._iterations.get(iteration)
         if previous is not None:
             if previous != list(ids):
@@ -560,6 +564,7 @@ def select_iteration_rows(
     before it is recorded: a slice it refuses is not burnt.
     """
     fingerprint = source_fingerprint(rows, args)
+    ledger.check_source(fingerprint)  # before looking up recorded ids the source may lack
     by_id = {row["id"]: row for row in rows}
     ids = ledger.slice_for(iteration)
     if ids is None:

@@ -147,22 +147,26 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
                        engine: EngineArguments, data: IterationData) -> None:
-    """Refuse to report (and train on) a stored version that this run's rows did not make."""
+    """Refuse to report (and train on) a stored version whose pairs are not the ones this run selects."""
     manifest = store.manifest(version)
-    counts = manifest.get("row_counts") or {}
-    mine = {"parent_model": engine.model,
-            "instruction ids": [r["id"] for r in result.rows],
-            "pairs": len(data.pairs), "candidates": len(data.candidates)}
-    stored = {"parent_model": manifest.get("parent_model"),
-              "instruction ids": (manifest.get("instruction_slice") or {}).get("ids"),
-              "pairs": counts.get("pairs"), "candidates": counts.get("candidates")}
-    differ = [k for k in mine if mine[k] != stored[k]]
+
+    def key(pairs) -> list:
+        return [(p["instruction_id"], p["chosen"], p["rejected"]) for p in pairs]
+
+    differ = [what for what, mine, stored in (
+        ("parent model", engine.model, manifest.get("parent_model")),
+        ("instruction slice", [r["id"] for r in result.rows],
+         (manifest.get("instruction_slice") or {}).get("ids")),
+    ) if mine != stored]
+    if not differ and key(store.load(version, "pairs")) != key(data.pairs):
+        differ = ["pairs (other selection settings, such as --rho or --reject_truncated)"]
     if differ:
         raise TPODataError(
-            f"Version {version} in store {store.root} was written by another run: its "
-            + ", ".join(differ) + " differ from this run's; versions are immutable.",
-            "Give this run its own store (--store, default <output_dir>/store) or another "
-            "--iteration; this run's generations are kept in its output folder.",
+            f"Version {version} in store {store.root} is not what this run makes: its "
+            + "; ".join(differ) + " differ. It was written by another run sharing the store, or by "
+            "this one with other settings; versions are immutable.",
+            "Rerun with the settings that wrote it, give this run its own store (--store, default "
+            "<output_dir>/store), or use another --iteration; this run's generations are kept.",
         )
 
 
