@@ -573,7 +573,6 @@ def select_iteration_rows(
     selected = [by_id[id_] for id_ in ids]
     if check:
         check(selected)
-    # Also re-checks the fingerprint when resuming.
     ledger.record(iteration, ids, fingerprint)
     return selected
 

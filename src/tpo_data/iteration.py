@@ -26,7 +26,14 @@ from tpo_data.instructions import (
 )
 from tpo_data.judges import POLICY, JudgeArguments
 from tpo_data.models import resolve_model
-from tpo_data.pair_data import IterationData, build_iteration_data, format_stats, to_datasets, truncated, unknown_truncation
+from tpo_data.pair_data import (
+    IterationData,
+    build_iteration_data,
+    format_stats,
+    to_datasets,
+    truncated,
+    unknown_truncation,
+)
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
 from tpo_data.store import MANIFEST, LocalStore, write_iteration

@@ -284,12 +284,12 @@ def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any
             f"the same id (first: {changed[0]}): the instruction source changed.",
             "Restore the source the run started with, or use a new --output_dir for the new one.",
         )
-    _check_spec(ledger.path.parent / SPEC, spec, len(ledger.rows), "generated",
-                "The model at that path was retrained after these samples were generated: use a new "
-                "--output_dir to run on the retrained model (this run's versions and models stay)."
-                if _differences(ledger.path.parent / SPEC, spec) == ["model_trained"] else
-                "Rerun with the settings it was started with to resume it, or use a new "
-                "--output_dir (or --iteration) for the new settings.")
+    _check_spec(ledger.path.parent / SPEC, spec, len(ledger.rows), "generated", lambda differ: (
+        "The model at that path was retrained after these samples were generated: use a new "
+        "--output_dir to run on the retrained model (this run's versions and models stay)."
+        if differ == ["model_trained"] else
+        "Rerun with the settings it was started with to resume it, or use a new "
+        "--output_dir (or --iteration) for the new settings."))
 
 
 def judge_spec(judge: JudgeArguments, judge_path: str) -> dict[str, Any]:
@@ -309,29 +309,27 @@ def check_judge(ledger: GenerationLedger, spec: dict[str, Any]) -> None:
     Pair selection settings (rho, reject_*) are not part of it: they re-select from the scores.
     """
     judged = sum(isinstance(row.get("scores"), list) for row in ledger.rows.values())
-    _check_spec(ledger.path.parent / JUDGE_SPEC, spec, judged, "judged",
-                "Rerun with the judge settings it was started with to resume it, or use a new "
-                "--output_dir (or --iteration) to judge with the new ones.")
+    _check_spec(ledger.path.parent / JUDGE_SPEC, spec, judged, "judged", lambda differ: (
+        "Rerun with the judge settings it was started with to resume it, or use a new "
+        "--output_dir (or --iteration) to judge with the new ones."))
 
 
-def _differences(path: Path, spec: dict[str, Any]) -> list[str]:
-    """Keys whose recorded value differs from ``spec``; a key the record lacks was added to
-    tpo-data later: unknown, not different."""
-    before = json.loads(path.read_text()) if path.is_file() else {}
-    return sorted(k for k in before if before[k] != spec.get(k))
+def _check_spec(path: Path, spec: dict[str, Any], done: int, verb: str,
+                fix: Callable[[list[str]], str]) -> None:
+    """Compare ``spec`` with the one recorded at ``path`` when ``done`` rows depend on it; else record it.
 
-
-def _check_spec(path: Path, spec: dict[str, Any], done: int, verb: str, fix: str) -> None:
-    """Compare ``spec`` with the one recorded at ``path`` when ``done`` rows depend on it; else record it."""
+    ``fix`` gives the error's fix for the differing keys. A key the record lacks was added
+    to tpo-data later: unknown, not different.
+    """
     if done and path.is_file():
-        differ = _differences(path, spec)
+        before = json.loads(path.read_text())
+        differ = sorted(k for k in before if before[k] != spec.get(k))
         if differ:
-            before = json.loads(path.read_text())
             raise TPODataError(
                 f"{path.parent / 'generations.jsonl'} holds {done} instructions {verb} with other settings: "
-                + "; ".join(f"{k} was {json.dumps(before.get(k))}, now {json.dumps(spec.get(k))}"
+                + "; ".join(f"{k} was {json.dumps(before[k])}, now {json.dumps(spec.get(k))}"
                             for k in differ) + ".",
-                fix,
+                fix(differ),
             )
     else:
         write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
