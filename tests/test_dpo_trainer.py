@@ -8,6 +8,7 @@ refusals run in-process: they fail before any model is loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, run_script
 from hub_standin import HubStandin
@@ -143,6 +145,41 @@ def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Pa
     assert f"{repo}@iter-1 (commit {commit})" in card and str(tiny_lm) in card
     assert "datasets:\n- stand-in-user/tpo-train" in card
     assert_weights_changed(tiny_lm, out)
+
+
+def test_lora_run_saves_the_adapter_and_the_merged_model(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
+    """--use_peft: output_dir holds a full model (what the next iteration loads) equal to the parent
+    plus (alpha / r) * B @ A of the saved adapter, computed here from the adapter's own tensors."""
+    out = tmp_path / "model"
+    result = run_script(SCRIPT, *train_args(store, out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+                                            "--lora_target_modules", "q_proj", "v_proj"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card, lineage, _ = read_outputs(out)
+    assert not (out / "adapter_config.json").exists()  # else transformers would load out as an adapter
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    parent, merged = load_file(tiny_lm / "model.safetensors"), load_file(out / "model.safetensors")
+    assert parent.keys() == merged.keys()
+    lora = {}
+    for key, tensor in adapter.items():  # base_model.model.<module>.lora_A.weight
+        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        lora.setdefault(f"{module}.weight", {})[part.split(".")[0]] = tensor
+    assert sorted(lora) == sorted(k for k in parent if k.endswith(("q_proj.weight", "v_proj.weight")))
+    assert any(ab["B"].abs().max() > 0 for ab in lora.values())  # training moved the adapter
+    for name, weight in parent.items():
+        expected = weight + 2.0 * lora[name]["B"] @ lora[name]["A"] if name in lora else weight
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    assert lineage["adapter"] == {"folder": "adapter", "merged": True, "r": 4, "alpha": 8, "dropout": 0.05,
+                                  "target_modules": ["q_proj", "v_proj"], "use_dora": False,
+                                  "use_rslora": False}
+    assert "| LoRA adapter | `adapter/` (r=4, alpha=8), merged into this model |" in card
+
+
+def test_lora_needs_peft(store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    with pytest.raises(TPODataError, match="--use_peft needs the peft library") as err:
+        main(train_args(store, tmp_path / "m", "--use_peft"))
+    assert "tpo-data[peft]" in err.value.fix and not (tmp_path / "m").exists()
 
 
 def test_refuses_non_empty_output_dir(store: LocalStore, tmp_path: Path) -> None:

@@ -25,7 +25,10 @@ Output (``--output_dir``): the model and tokenizer, ``README.md`` (a model card
 naming the dataset version, the parent model, the settings and the final
 metrics), ``lineage.json``, ``train_results.json``/``eval_results.json`` and
 ``trainer_state.json``. Only the main process writes these files, so the same
-command works under ``accelerate launch``.
+command works under ``accelerate launch``. With ``--use_peft`` (LoRA, needs
+``peft``) the adapter goes to ``<output_dir>/adapter`` and ``<output_dir>``
+holds the adapter merged into the parent: the next iteration's engine, the
+evaluation and the next DPO run load M_t as a full model.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ PAIRS = "pairs"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 LINEAGE = "lineage.json"
 CARD = "README.md"
+ADAPTER = "adapter"
 
 
 def trained_at(model_path: str | Path) -> str | None:
@@ -402,10 +406,37 @@ def check_output_dir(args: TrainArguments, training_args: DPOConfig) -> None:
             "--resume_from_checkpoint to continue a run saved there",
         )
     if occupied and state.is_main_process:
-        # Stale checkpoints would be rotated, resumed or reported as this run's best.
-        for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old)
+        # Stale checkpoints would be rotated, resumed or reported as this run's best; a stale
+        # adapter would sit beside a model it was not trained for.
+        for old in [*out.glob("checkpoint-*"), out / ADAPTER]:
+            if old.is_dir():
+                shutil.rmtree(old)
     state.wait_for_everyone()
+
+
+def check_peft(model_args: ModelConfig) -> None:
+    if model_args.use_peft and importlib.util.find_spec("peft") is None:
+        raise TPODataError(
+            "--use_peft needs the peft library, which is not installed",
+            "pip install 'tpo-data[peft]' (or pip install peft), or drop --use_peft",
+        )
+
+
+def merge_adapter(parent: Path | str, adapter: Path, out: Path, model_args: ModelConfig) -> None:
+    """Save the parent with the LoRA adapter merged in, and the adapter's tokenizer, to ``out``.
+
+    The parent is loaded afresh from disk at full precision (not 4/8-bit), on one process, so
+    the merge works the same after DeepSpeed, FSDP or QLoRA training.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(
+        str(parent), revision=model_args.model_revision, dtype=model_args.dtype or "auto"
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(out)
 
 
 def check_eval_settings(training_args: DPOConfig, has_eval: bool) -> None:
@@ -428,6 +459,15 @@ _SETTINGS = (
     "gradient_checkpointing", "eval_strategy", "load_best_model_at_end",
     "metric_for_best_model",
 )
+
+
+def _adapter_settings(model_args: ModelConfig) -> dict[str, Any] | None:
+    """LoRA settings of a --use_peft run (its merged model's recipe), else None."""
+    if not model_args.use_peft:
+        return None
+    return {"folder": ADAPTER, "merged": True, "r": model_args.lora_r, "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout, "target_modules": model_args.lora_target_modules,
+            "use_dora": model_args.use_dora, "use_rslora": model_args.use_rslora}
 
 
 def training_settings(training_args: DPOConfig, world_size: int) -> dict[str, Any]:
@@ -493,6 +533,8 @@ def build_card(lineage: dict[str, Any], label: str) -> str:
             "parent model": parent,
             "iteration": lineage["iteration"],
             "best checkpoint": best or "last step",
+            **({"LoRA adapter": f"`{adapter['folder']}/` (r={adapter['r']}, alpha={adapter['alpha']}), "
+                "merged into this model"} if (adapter := lineage.get("adapter")) else {}),
         }),
         "",
         eval_text,
@@ -545,6 +587,7 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         print("note: training logs go to the console only (trackio is not installed; "
               "`pip install trackio` for local dashboards, or pick --report_to)")
     apply_irpo(script_args, training_args)
+    check_peft(model_args)
     check_output_dir(script_args, training_args)
     source, train_ds, eval_ds, eval_lineage = load_data(script_args, training_args.seed)
     check_eval_settings(training_args, eval_ds is not None)
@@ -590,10 +633,13 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-
     out = Path(training_args.output_dir)
+    # save_model gathers sharded (ZeRO-3/FSDP) weights, so every process calls it.
+    trainer.save_model(str(out / ADAPTER) if model_args.use_peft else str(out))
+
     if trainer.accelerator.is_main_process:
+        if model_args.use_peft:
+            merge_adapter(model_path, out / ADAPTER, out, model_args)
         best = trainer.state.best_model_checkpoint
         lineage = {
             "dataset": {**source.lineage, "config": PAIRS},
@@ -602,6 +648,7 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
             "iteration": source.manifest.get("iteration"),
             "eval": eval_lineage,
             "train_rows": trained_rows,
+            "adapter": _adapter_settings(model_args),
             "best_checkpoint": Path(best).name if best else None,
             "training": training_settings(training_args, trainer.accelerator.num_processes),
             "metrics": {"setup_runtime": round(setup_runtime, 3),
