@@ -601,3 +601,59 @@ def test_uncaught_errors_never_print_secrets(entry, call, error, status, printed
         assert token in proc.stderr  # distilabel 1.5.3's traceback shows the local variable
     else:
         assert token not in proc.stderr and "QQQQQQQQ" not in proc.stderr
+
+
+_LIBRARY_USER = """
+import os, sys
+{first}
+import tpo_data.judges  # imports distilabel's LLM and Task classes
+
+def main():
+    token = os.environ["HF_TOKEN"]
+    raise RuntimeError("no verdict")
+
+print("hook kept:", sys.excepthook is sys.__excepthook__, flush=True)
+main()
+"""
+
+
+@pytest.mark.parametrize("first, kept", [("", True), ("import distilabel", False)])
+def test_library_import_keeps_the_traceback_hook(first: str, kept: bool) -> None:
+    """A script that uses tpo_data as a library gets Python's own tracebacks: no local variables.
+    A script that imported distilabel itself keeps distilabel's hook (and its leak, shown here)."""
+    token = "hf_" + "Q" * 34
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIBRARY_USER.format(first=first)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "HF_TOKEN": token, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 1 and "RuntimeError: no verdict" in proc.stderr
+    assert f"hook kept: {kept}" in proc.stdout
+    assert (token in proc.stderr) is not kept
+
+
+_NOTEBOOK_USER = """
+import os
+from IPython.core.interactiveshell import InteractiveShell
+
+shell = InteractiveShell.instance(colors="nocolor")
+shell.run_cell("{first}\\nimport tpo_data.judges")  # in a cell, as a notebook imports
+
+print("patched:", sorted(set(vars(shell)) & {{"_showtraceback", "showtraceback", "showsyntaxerror"}}))
+shell.run_cell('def main():\\n    token = os.environ["HF_TOKEN"]\\n    raise RuntimeError("no verdict")\\n')
+shell.run_cell("import os; main()")
+"""
+
+
+@pytest.mark.parametrize("first, kept", [("", True), ("import distilabel", False)])
+def test_notebook_import_keeps_ipython_tracebacks(first: str, kept: bool) -> None:
+    """The same in a notebook (an IPython shell): its traceback hooks stay IPython's own."""
+    token = "hf_" + "Q" * 34
+    proc = subprocess.run(
+        [sys.executable, "-c", _NOTEBOOK_USER.format(first=first)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "HF_TOKEN": token, "COLUMNS": "200"},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "RuntimeError: no verdict" in out, out
+    patched = "[]" if kept else "['_showtraceback', 'showsyntaxerror', 'showtraceback']"
+    assert f"patched: {patched}" in proc.stdout
+    assert (token in out) is not kept

@@ -108,8 +108,9 @@ def guarded(func: Callable[[], object]) -> int:
     """Run ``func``: a user error becomes its message (status 2), Ctrl-C a note (130), and any
     other exception a traceback without local variables, scrubbed of secrets (status 1).
 
-    Why not let Python print it: importing distilabel installs rich tracebacks with
-    ``show_locals=True``, which print every frame's variables, Hub tokens and API keys included.
+    Why not let Python print it: an exception's message may quote a token, and a script that
+    imported distilabel itself has rich's ``show_locals=True`` hook, which prints every frame's
+    variables (``tpo_data.distilabel_hooks`` keeps it out when we import distilabel first).
     """
     from tpo_data.secrets import scrub
 
