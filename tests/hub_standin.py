@@ -16,6 +16,9 @@ Routes::
     POST /api/repos/create                              409 if the repo exists
     POST /api/validate-yaml                             400 on unparsable card YAML
     GET  /api/agent-harnesses                           empty registry (huggingface_hub telemetry)
+    GET  /api/whoami-v2                                 "stand-in-user"; 401 for a token in
+                                                        refused_tokens, role "read" for one in
+                                                        read_only_tokens, else "write"
     GET  /api/{type}s/{repo}[/revision/{rev}]           repo info (sha, siblings)
     POST /api/{type}s/{repo}/preupload/{rev}            "lfs" for data/binary/large files
     POST /api/{type}s/{repo}/commit/{rev}               ndjson; 412 on a stale parentCommit
@@ -185,6 +188,9 @@ class HubStandin:
         self.repos: dict[str, Repo] = {}
         self.faults: dict[str, list[str]] = {}
         self.unhandled: list[str] = []
+        # Tokens the tests mark; any other Bearer token is a valid write token.
+        self.refused_tokens: set[str] = set()
+        self.read_only_tokens: set[str] = set()
         self.lock = threading.RLock()
         self._counter = 0
         standin = self
@@ -418,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._create_repo()
             if seg[1:2] == ["validate-yaml"] and method == "POST":
                 return self._validate_yaml()
+            if seg[1:2] == ["whoami-v2"] and method == "GET":
+                return self._whoami()
             if seg[1:2] == ["agent-harnesses"] and method == "GET":
                 # huggingface_hub fetches this registry for its user-agent; empty = no detection.
                 return Response(200, {"standardEnvVars": [], "harnesses": {}})
@@ -427,6 +435,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             return self._git_or_resolve(method, seg)
         return self._unhandled()
+
+    def _whoami(self) -> Response:
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not self._authorized() or token in self.hub.refused_tokens:
+            return _error(401, "Invalid credentials in Authorization header")
+        role = "read" if token in self.hub.read_only_tokens else "write"
+        return Response(200, {"type": "user", "name": "stand-in-user", "orgs": [],
+                              "auth": {"type": "access_token", "accessToken": {"role": role}}})
 
     def _unhandled(self) -> Response:
         with self.hub.lock:

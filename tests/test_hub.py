@@ -689,6 +689,31 @@ def test_pipeline_push_to_hub_without_token_fails_before_generation(
 
 
 @pytest.mark.parametrize(
+    "kind, message, fix",
+    [
+        ("refused", "could not check the Hugging Face token", "check that HF_TOKEN"),
+        ("read_only", "token of stand-in-user is read-only", "write or fine-grained token"),
+    ],
+)
+def test_pipeline_push_to_hub_with_unusable_token_fails_before_generation(
+    standin: Backend, hub: HubStandin, tiny_lm: Path, module_tmp: Path, kind: str, message: str, fix: str
+) -> None:
+    token = "hf_" + "".join(pysecrets.choice(string.ascii_letters) for _ in range(34))
+    USED_TOKENS.add(token)
+    getattr(hub, f"{kind}_tokens").add(token)
+    out = module_tmp / f"pipeline-{kind}-token"
+    result = run_client(
+        standin,
+        pipeline_args(tiny_lm, tiny_lm, out, "--push_to_hub", f"stand-in-user/tpo-{kind}"),
+        env={**standin.env, "HF_TOKEN": token},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and fix in result.stderr and "How to fix" in result.stderr
+    assert not out.exists()  # nothing generated, not even the run folder
+    assert f"dataset/stand-in-user/tpo-{kind}" not in hub.repos
+
+
+@pytest.mark.parametrize(
     "extra, message",
     [
         (["--judge", "none"], "--judge none only generates samples"),

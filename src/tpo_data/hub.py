@@ -19,9 +19,9 @@ the files of the commit are checked before tagging). Tokens never reach messages
 every error text passes through :func:`tpo_data.secrets.scrub`.
 
 The pipeline's ``--push_to_hub`` goes through :func:`check_push_to_hub` (before any
-generation: a token, a valid repo id, a judge) and :func:`push_iteration`, which calls
-:func:`publish_version` unless the tag already holds the same manifest, so rerunning a
-finished, published iteration pushes nothing.
+generation: a token the Hub accepts for writing, a valid repo id, a judge) and
+:func:`push_iteration`, which calls :func:`publish_version` unless the tag already holds
+the same manifest, so rerunning a finished, published iteration pushes nothing.
 """
 
 from __future__ import annotations
@@ -489,7 +489,8 @@ def check_push_to_hub(repo_id: str | None, *, judged: bool, token: str | None = 
     """Refuse a ``--push_to_hub`` that cannot succeed, before any generation starts.
 
     Checks that there will be pairs to publish, that ``repo_id`` is a ``namespace/name``
-    dataset id and that a token is available (it is registered as a secret, never printed).
+    dataset id, and that a token is available that the Hub accepts and that may write (it is
+    registered as a secret, never printed).
     """
     if not repo_id:
         return
@@ -510,7 +511,20 @@ def check_push_to_hub(repo_id: str | None, *, judged: bool, token: str | None = 
             f"--push_to_hub {repo_id!r} is not a Hub dataset repo id",
             "pass it as namespace/name, for example --push_to_hub your-user/tpo-pairs",
         )
-    _resolve_token(token, required=True)
+    _check_write_token(_resolve_token(token, required=True))
+
+
+def _check_write_token(token: str, *, max_retries: int = 3, backoff: float = 1.0) -> None:
+    """Ask the Hub whose token this is: a refused or read-only token fails now, not after generation."""
+    who = _retrying(lambda: _api(token).whoami(), "check the Hugging Face token",
+                    max_retries=max_retries, backoff=backoff)
+    if ((who.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+        raise TPODataError(
+            f"the Hugging Face token of {who.get('name', 'this account')} is read-only, so nothing "
+            "could be published",
+            "export HF_TOKEN=<a write or fine-grained token with write access, from "
+            "https://huggingface.co/settings/tokens>, or drop --push_to_hub",
+        )
 
 
 def push_iteration(
