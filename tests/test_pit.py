@@ -360,6 +360,54 @@ def test_improve_cli(pit_run, capsys):
         assert problem in capsys.readouterr().err
 
 
+def _ledger_keys(path):
+    keys = []
+    for line in path.read_text().splitlines():
+        try:
+            keys.append(json.loads(line)["key"])
+        except json.JSONDecodeError:
+            assert not line.endswith("}"), line  # only a torn line may be unreadable
+    return keys
+
+
+def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys):
+    """pit-eval with real tiny models and a pair-wise judge; its call ledger makes a rerun free
+    and a killed run resume: saved answers and verdicts are reused, never asked again."""
+    from tpo_data.cli import main as cli_main
+
+    out = tmp_path / "eval" / "report.json"
+    argv = ["pit-eval", "--store", str(pit_run["store"]), "--pit-model", str(pit_run["lm"]),
+            "--reward-model", str(pit_run["reward"]), "--judge", "pairwise", "--judge-model", str(pit_run["lm"]),
+            "--judge-max-new-tokens", "4", "--max-new-tokens", "6", "--temperature", "1.0", "--rounds", "2",
+            "--output", str(out)]
+    assert cli_main(argv) == 0
+    report, ledger = json.loads(out.read_text()), out.with_suffix(".calls.jsonl")
+    assert report["items"] == 2 and "pit + stop rule" in capsys.readouterr().out
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    chats = [e for e in entries if e["who"].startswith("--pit-model")]
+    verdicts = [e for e in entries if e["who"].startswith("--judge-model")]
+    rewrites = round((report["pit_stop_rule"]["calls_per_item"] - 1) * 2)
+    # y_0, two PIT rounds, two Self-Refine rounds (the policy is the PIT model), the stop rule's rewrites.
+    assert len(chats) == 2 + 2 * 2 + 2 * 2 + rewrites
+    assert len(verdicts) == report["judge_calls"]["calls"] and {e["value"]["r"] for e in verdicts} <= {-1, 0, 1}
+    keys = _ledger_keys(ledger)
+    assert len(set(keys)) == len(keys)
+
+    # A finished run again: the same report from the ledger, nothing asked.
+    assert cli_main(argv) == 0
+    assert json.loads(out.read_text()) == report and _ledger_keys(ledger) == keys
+
+    # Killed mid-run: half the calls saved, then a torn line. The rerun keeps the saved half.
+    lines = ledger.read_text().splitlines(keepends=True)
+    kept = lines[: len(lines) // 2]
+    ledger.write_text("".join(kept) + lines[len(kept)][:40])
+    out.unlink()
+    assert cli_main(argv) == 0
+    resumed = _ledger_keys(ledger)
+    assert resumed[: len(kept)] == keys[: len(kept)] and len(set(resumed)) == len(resumed)
+    assert json.loads(out.read_text())["items"] == 2
+
+
 # --- pit-eval's pair-wise judge and pit-run --------------------------------------------------
 
 

@@ -10,7 +10,9 @@ score, then the best answer. Without ``--answer`` the first answer comes from
 PIT store version: PIT per round, PIT with the stop rule, and Self-Refine-style prompting
 of the policy at equal call counts, judged by an independent point-wise reward model
 (``--judge reward_model``) or a pair-wise LLM judge (``--judge pairwise``: the TPO judge
-prompt, both orders, forced verdicts; e.g. ``--judge-model embedded``).
+prompt, both orders, forced verdicts; e.g. ``--judge-model embedded``). With ``--output
+FILE`` every answer and verdict is saved in ``FILE.calls.jsonl`` as it comes: rerunning
+the same command after a crash or Ctrl-C asks the models only for what is missing.
 
 ``pit-run`` runs the whole chain of a recipe, skipping finished stages (:mod:`tpo_data.pit_run`).
 """
@@ -69,7 +71,8 @@ def add_cli(subparsers: Any) -> None:
                           help="model prompted to 'improve this answer' (default: --policy; 'none' skips it)")
     evaluate.add_argument("--max-items", type=int, default=16)
     evaluate.add_argument("--rounds", type=int, default=2)
-    evaluate.add_argument("--output", help="also write the report as JSON to this file")
+    evaluate.add_argument("--output", help="also write the report as JSON to this file; every answer and "
+                          "verdict is kept beside it (NAME.calls.jsonl), so a rerun resumes where it stopped")
     _add_generation(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
@@ -94,10 +97,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_chain(args.config, only=args.only, dry_run=args.dry_run)
 
 
-def _models(args: argparse.Namespace, log_dir: str | Path):
+def _models(args: argparse.Namespace, log_dir: str | Path, ledger: Any = None):
     from tpo_data.pit_eval import LocalModels
 
-    return LocalModels(args.engine, vllm_port=args.vllm_port, log_dir=log_dir, seed=args.seed)
+    return LocalModels(args.engine, vllm_port=args.vllm_port, log_dir=log_dir, seed=args.seed, ledger=ledger)
 
 
 def _chat(args: argparse.Namespace, models: Any, model: str, what: str):
@@ -139,7 +142,7 @@ def _cmd_improve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tpo_data.pit_eval import PairwiseLLMJudge, evaluate, format_report
+    from tpo_data.pit_eval import CallLedger, PairwiseLLMJudge, evaluate, format_report
     from tpo_data.pit_training import TEST, GapRewardModel, load_rows, model_path
     from tpo_data.reward_models import RewardModelScorer
 
@@ -152,11 +155,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.judge == "reward_model":
         judge: Any = RewardModelScorer(model_path(args.judge_model, "--judge-model"))
     log_dir = Path(args.output).parent if args.output else Path(args.store)
-    with _models(args, log_dir) as models:
+    ledger = CallLedger(Path(args.output).with_suffix(".calls.jsonl") if args.output else None)
+    with _models(args, log_dir, ledger) as models:
         if args.judge == "pairwise":
-            judge = PairwiseLLMJudge(models.llm(args.judge_model, "--judge-model",
-                                                max_new_tokens=args.judge_max_new_tokens, temperature=0.0,
-                                                top_p=1.0), args.judge_model)
+            settings = {"max_new_tokens": args.judge_max_new_tokens, "temperature": 0.0, "top_p": 1.0}
+            judge = PairwiseLLMJudge(models.llm(args.judge_model, "--judge-model", **settings), args.judge_model,
+                                     ledger=ledger, who=models.who(args.judge_model, "--judge-model", **settings))
         pit = _chat(args, models, args.pit_model, "--pit-model")
         policy = _chat(args, models, args.policy, "--policy") if args.policy else pit
         refine_name = args.self_refine_model

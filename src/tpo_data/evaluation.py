@@ -45,7 +45,7 @@ from tpo_data.instructions import (
     select_holdout_rows,
 )
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
-from tpo_data.models import resolve_model
+from tpo_data.models import model_fingerprint, resolve_model
 from tpo_data.pipeline import (
     GenerationLedger,
     RunArguments,
@@ -158,18 +158,6 @@ def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str 
     return rows
 
 
-def _answerer(path: str, spec: dict[str, Any]) -> str:
-    """A short fingerprint of what answers: model folder and weight files, and the
-    :func:`~tpo_data.pipeline.generation_spec` (model name, prompt, sampling)."""
-    folder = Path(path)
-    weights = sorted(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*")
-        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
-    ) if folder.is_dir() else []
-    what = [str(folder.resolve()) if folder.exists() else path, weights, spec]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
-
-
 def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArguments,
            sampling: SamplingArguments, run: RunArguments, folder: Path,
            judge_server: "JudgeServer | None" = None) -> list[dict]:
@@ -178,7 +166,7 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
     A model that the judge's vLLM server serves anyway answers through that server.
     """
     prompt, one = load_prompt(model.prompt), replace(sampling, num_samples=1)
-    answerer = _answerer(path, generation_spec(prompt, one, model.path, path))
+    answerer = model_fingerprint(path, generation_spec(prompt, one, model.path, path))
     out_dir = folder / "outputs" / f"{model.name}-{answerer}"
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     if any(not ledger.finished(r["id"], False) for r in rows):

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -152,3 +153,15 @@ def resolve_model(name: str) -> Path | str:
         "Pass a local folder with config.json, download the model first "
         "(`huggingface-cli download NAME` on a machine with Hub access), or use --model embedded.",
     )
+
+
+def model_fingerprint(path: str, spec: dict[str, Any]) -> str:
+    """A short fingerprint of what answers: the model folder, its weight files (name, size,
+    mtime: a retrained folder is another model) and ``spec`` (how it is asked: prompt, sampling)."""
+    folder = Path(path)
+    weights = sorted(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*")
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+    ) if folder.is_dir() else []
+    what = [str(folder.resolve()) if folder.exists() else path, weights, spec]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]

@@ -22,12 +22,20 @@ with small models, and counting them as losses would understate both methods ali
 pair-wise judge compares each pair in both orders: winning both is 1, one order and a
 tie or unusable verdict in the other 3/4, split or tied 1/2 (as ``tpo-data eval``); an
 unchanged answer is a tie without a judge call.
+
+Resuming: with a :class:`CallLedger` (``pit-eval --output FILE`` keeps it in
+``FILE.calls.jsonl``) every answer and pair-wise verdict is saved as it comes, so a rerun
+after a crash or Ctrl-C asks the models only for what is missing, and the file holds every
+rewrite for inspection.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +54,67 @@ def self_refine_messages(instruction: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": SELF_REFINE_PROMPT.format(instruction=instruction, answer=answer)}]
 
 
+class CallLedger:
+    """Model outputs of one evaluation, one JSON line per call, appended as each batch ends.
+
+    A call's key hashes who answered (:func:`~tpo_data.models.model_fingerprint`: model folder,
+    weights, sampling), the input, and how many times this run asked that same input before:
+    a prompt asked twice (PIT's first round, then again under the stop rule) stays two samples,
+    and a rerun, asking in the same order, finds both. ``path`` None keeps nothing on disk.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.done: dict[str, Any] = {}
+        self.asked: Counter[str] = Counter()
+        if path is None or not path.is_file():
+            return
+        text = path.read_text("utf-8")
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a run killed mid-write
+            self.done[entry["key"]] = entry["value"]
+        if text and not text.endswith("\n"):
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write("\n")  # appends start on a line of their own
+
+    def run(self, who: str, inputs: Sequence[Any], compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """``compute`` on the inputs without a saved output; every output, in input order."""
+        keys = []
+        for item in inputs:
+            base = hashlib.sha256(json.dumps([who, item], ensure_ascii=False).encode()).hexdigest()
+            keys.append(f"{base}-{self.asked[base]}")
+            self.asked[base] += 1
+        missing = [i for i, key in enumerate(keys) if key not in self.done]
+        if missing:
+            values = compute([inputs[i] for i in missing])
+            for i, value in zip(missing, values, strict=True):
+                self.done[keys[i]] = value
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps({"key": keys[i], "who": who, "input": inputs[i],
+                                              "value": self.done[keys[i]]}, ensure_ascii=False) + "\n"
+                                  for i in missing)
+        return [self.done[key] for key in keys]
+
+
 class ChatModel:
     """A chat model answering message lists in batches: any loaded distilabel LLM (in-process
-    ``BatchedTransformersLLM`` or an ``OpenAILLM`` on a vLLM server), see :class:`LocalModels`."""
+    ``BatchedTransformersLLM`` or an ``OpenAILLM`` on a vLLM server), see :class:`LocalModels`.
+    With a ``ledger``, answers saved there under ``who`` are reused instead of generated."""
 
-    def __init__(self, llm: Any, name: str = ""):
-        self.llm, self.name = llm, name
+    def __init__(self, llm: Any, name: str = "", ledger: CallLedger | None = None, who: str = ""):
+        self.llm, self.name, self.who = llm, name, who or name
+        self.ledger = ledger or CallLedger(None)
 
     def __call__(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
-        if not conversations:
-            return []
-        outputs = self.llm.generate_outputs(inputs=list(conversations), num_generations=1,
+        return self.ledger.run(self.who, list(conversations), self._generate)
+
+    def _generate(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        outputs = self.llm.generate_outputs(inputs=conversations, num_generations=1,
                                             **self.llm.get_generation_kwargs())
         return [((out.get("generations") or [None])[0] or "").strip() for out in outputs]
 
@@ -67,12 +125,13 @@ class LocalModels:
     shared by every use of that model (policy, Self-Refine, judge). Servers stop on exit."""
 
     def __init__(self, engine: str = "transformers", *, vllm_port: int = 8031, log_dir: str | Path = ".",
-                 seed: int = 0):
+                 seed: int = 0, ledger: CallLedger | None = None):
         from contextlib import ExitStack
 
         if engine not in ("transformers", "vllm"):
             raise TPODataError(f"Unknown engine {engine!r}.", "Use transformers or vllm.")
         self.engine, self.vllm_port, self.log_dir, self.seed = engine, vllm_port, Path(log_dir), seed
+        self.ledger = ledger or CallLedger(None)
         self.stack = ExitStack()
         self.servers: dict[str, tuple[str | None, str | None]] = {}
 
@@ -101,10 +160,17 @@ class LocalModels:
         llm.load()
         return llm
 
+    def who(self, model: str, what: str, **sampling: Any) -> str:
+        """The ledger's name for ``model`` asked with these settings (retrained weights: another)."""
+        from tpo_data.models import model_fingerprint
+        from tpo_data.pit_training import model_path
+
+        return f"{what} {model_fingerprint(model_path(model, what), {**sampling, 'seed': self.seed})}"
+
     def chat(self, model: str, what: str, *, max_new_tokens: int = 256, temperature: float = 0.5,
              top_p: float = 0.95) -> ChatModel:
-        return ChatModel(self.llm(model, what, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p), model)
+        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        return ChatModel(self.llm(model, what, **settings), model, self.ledger, self.who(model, what, **settings))
 
 
 @dataclass
@@ -162,8 +228,10 @@ class PairwiseLLMJudge:
     ``llm``: a loaded distilabel LLM whose generation kwargs drive the judgments (greedy).
     """
 
-    def __init__(self, llm: Any, name: str = "", force_verdict: bool = True):
+    def __init__(self, llm: Any, name: str = "", force_verdict: bool = True, ledger: CallLedger | None = None,
+                 who: str = ""):
         self.llm, self.name, self.force_verdict = llm, name, force_verdict
+        self.ledger, self.who = ledger or CallLedger(None), f"{who or name} force={force_verdict}"
         self.calls = self.forced = self.undecided = 0
         self.pairs = self.decided = 0  # pairs judged; those not tied (the two orders did not cancel out)
 
@@ -173,13 +241,14 @@ class PairwiseLLMJudge:
         results = [0.5] * len(new)
         todo = [i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b]
         calls = [(instructions[i], new[i], old[i]) for i in todo] + [(instructions[i], old[i], new[i]) for i in todo]
-        verdicts = judge_calls(self.llm, calls, self.force_verdict)
+        verdicts = self.ledger.run(self.who, calls, lambda todo_calls: [
+            {"r": v.r, "forced": v.forced} for v in judge_calls(self.llm, todo_calls, self.force_verdict)])
         self.calls += len(verdicts)
-        self.forced += sum(v.forced for v in verdicts)
-        self.undecided += sum(v.r == 0 for v in verdicts)
+        self.forced += sum(v["forced"] for v in verdicts)
+        self.undecided += sum(v["r"] == 0 for v in verdicts)
         for k, i in enumerate(todo):
             # r: +1 when A won. The new answer is A in the first order and B in the second.
-            results[i] = (2 + verdicts[k].r - verdicts[k + len(todo)].r) / 4
+            results[i] = (2 + verdicts[k]["r"] - verdicts[k + len(todo)]["r"]) / 4
         self.pairs += len(todo)
         self.decided += sum(results[i] != 0.5 for i in todo)
         return results
