@@ -22,6 +22,8 @@ import yaml
 from conftest import REPO, run_script
 from hub_standin import HubStandin
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig
 from test_hub import PUBLISH, TOKEN, client_env
 from test_store import RECIPE, make_iteration
 
@@ -29,7 +31,7 @@ from tpo_data import cli
 from tpo_data.card import card_metadata
 from tpo_data.errors import TPODataError
 from tpo_data.store import LocalStore, write_iteration
-from tpo_data.training import apply_irpo, main, parse_args
+from tpo_data.training import apply_irpo, check_mergeable, main, parse_args
 
 SCRIPT = "trainers/dpo.py"
 TINY = ["--config", "recipes/dpo-tiny-test.yaml"]
@@ -168,10 +170,28 @@ def test_lora_run_saves_the_adapter_and_the_merged_model(store: LocalStore, tiny
     for name, weight in parent.items():
         expected = weight + 2.0 * lora[name]["B"] @ lora[name]["A"] if name in lora else weight
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
-    assert lineage["adapter"] == {"folder": "adapter", "merged": True, "r": 4, "alpha": 8, "dropout": 0.05,
-                                  "target_modules": ["q_proj", "v_proj"], "use_dora": False,
-                                  "use_rslora": False}
+    assert lineage["adapter"] == {
+        "folder": "adapter", "merged": True, "r": 4, "alpha": 8, "dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj"], "modules_to_save": None, "use_dora": False,
+        "use_rslora": False, "load_in_4bit": False, "load_in_8bit": False, "dtype": "float32"}
     assert "| LoRA adapter | `adapter/` (r=4, alpha=8), merged into this model |" in card
+    # What the next iteration does with M_t: load it as a plain model, with its tokenizer.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM" and AutoTokenizer.from_pretrained(out).eos_token
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight,
+                               merged["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_lora_refuses_a_quantized_parent(tiny_lm: Path, tmp_path: Path) -> None:
+    parent = tmp_path / "bnb-4bit"
+    parent.mkdir()
+    config = json.loads((tiny_lm / "config.json").read_text())
+    (parent / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    with pytest.raises(TPODataError, match="stored quantized") as err:
+        check_mergeable(ModelConfig(use_peft=True), parent)
+    assert "--load_in_4bit" in err.value.fix
+    check_mergeable(ModelConfig(use_peft=False), parent)  # a full fine-tune does not merge anything
+    check_mergeable(ModelConfig(use_peft=True), tiny_lm)
 
 
 def test_lora_needs_peft(store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,14 +204,17 @@ def test_lora_needs_peft(store: LocalStore, tmp_path: Path, monkeypatch: pytest.
 
 def test_refuses_non_empty_output_dir(store: LocalStore, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    (out / "checkpoint-7").mkdir(parents=True)
+    for folder in ("checkpoint-7", "adapter"):
+        (out / folder).mkdir(parents=True)
+    (out / "lineage.json").write_text("{}")
     with pytest.raises(TPODataError, match="exists and is not empty") as err:
         main(train_args(store, out))
     assert "--overwrite_output_dir" in err.value.fix
-    # With the flag, stale checkpoints go before the run (which then fails here on purpose).
+    # With the flag, stale checkpoints, adapter and lineage (the loop's "finished" mark) go
+    # before the run (which then fails here on purpose).
     with pytest.raises(TPODataError, match="not found"):
         main([*train_args(store, out, "--overwrite_output_dir"), "--dataset_version", "iter-9"])
-    assert not (out / "checkpoint-7").exists()
+    assert not any((out / name).exists() for name in ("checkpoint-7", "adapter", "lineage.json"))
 
 
 def test_missing_version_lists_the_existing_ones(store: LocalStore, tmp_path: Path) -> None:

@@ -691,8 +691,8 @@ def test_pipeline_push_to_hub_without_token_fails_before_generation(
 @pytest.mark.parametrize(
     "kind, message, fix",
     [
-        ("refused", "could not check the Hugging Face token", "check that HF_TOKEN"),
-        ("read_only", "token of stand-in-user is read-only", "write or fine-grained token"),
+        ("refused", "the Hub refused the Hugging Face token", "a valid write token"),
+        ("read_only", "token of stand-in-user is read-only", "a fine-grained one with repo.write"),
     ],
 )
 def test_pipeline_push_to_hub_with_unusable_token_fails_before_generation(
@@ -711,6 +711,50 @@ def test_pipeline_push_to_hub_with_unusable_token_fails_before_generation(
     assert message in result.stderr and fix in result.stderr and "How to fix" in result.stderr
     assert not out.exists()  # nothing generated, not even the run folder
     assert f"dataset/stand-in-user/tpo-{kind}" not in hub.repos
+
+
+def _whoami(role: str, orgs=(), scoped=()) -> dict:
+    """The shape of the Hub's /api/whoami-v2 answer (fine-grained: entity scopes and permissions)."""
+    access = {"displayName": "t", "role": role}
+    if role == "fineGrained":
+        access["fineGrained"] = {"canReadGatedRepos": True, "global": ["discussion.write"],
+                                 "scoped": [{"entity": {"_id": "1", "type": kind, "name": name}, "permissions": perms}
+                                            for kind, name, perms in scoped]}
+    return {"type": "user", "name": "ann", "orgs": [{"name": n, "roleInOrg": r} for n, r in orgs],
+            "auth": {"type": "access_token", "accessToken": access}}
+
+
+@pytest.mark.parametrize("who, repo, problem", [
+    (_whoami("write"), "ann/pairs", None),
+    (_whoami("read"), "ann/pairs", "token of ann is read-only"),
+    (_whoami("write"), "bob/pairs", "belongs to ann, who is not a member of bob (organizations: none)"),
+    (_whoami("write", orgs=[("lab", "write")]), "lab/pairs", None),
+    (_whoami("write", orgs=[("lab", "read")]), "lab/pairs", "ann has the read role in lab"),
+    (_whoami("fineGrained", scoped=[("user", "ann", ["repo.content.read", "repo.write"])]), "ann/pairs", None),
+    (_whoami("fineGrained", scoped=[("user", "ann", ["repo.content.read"])]), "ann/pairs",
+     "fine-grained Hugging Face token of ann has no repo.write permission on ann"),
+    (_whoami("fineGrained", orgs=[("lab", "admin")], scoped=[("user", "ann", ["repo.write"])]), "lab/pairs",
+     "no repo.write permission on lab"),
+    (_whoami("fineGrained", scoped=[("dataset", "ann/pairs", ["repo.write"])]), "ann/pairs", None),
+    ({"type": "user", "name": "ann", "auth": {"type": "oauth"}}, "ann/pairs", None),  # unknown: the push decides
+])
+def test_token_write_problem(who: dict, repo: str, problem: str | None) -> None:
+    from tpo_data.hub import token_write_problem
+
+    found = token_write_problem(who, repo)
+    assert found == problem if problem is None else problem in found
+
+
+def test_unreachable_hub_only_warns_at_the_token_check(monkeypatch, caplog) -> None:
+    from huggingface_hub import HfApi
+
+    from tpo_data import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_api", lambda token: HfApi(endpoint="http://127.0.0.1:9", token=token))
+    with caplog.at_level("WARNING", logger="tpo_data.hub"):
+        hub_module.check_push_to_hub("ann/pairs", judged=True, token=TOKEN)
+    assert "could not check the Hugging Face token before generation" in caplog.text
+    assert TOKEN not in caplog.text
 
 
 @pytest.mark.parametrize(

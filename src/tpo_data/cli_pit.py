@@ -11,8 +11,8 @@ PIT store version: PIT per round, PIT with the stop rule, and Self-Refine-style 
 of the policy at equal call counts, judged by an independent point-wise reward model
 (``--judge reward_model``) or a pair-wise LLM judge (``--judge pairwise``: the TPO judge
 prompt, both orders, forced verdicts; e.g. ``--judge-model embedded``). With ``--output
-FILE`` every answer and verdict is saved in ``FILE.calls.jsonl`` as it comes: rerunning
-the same command after a crash or Ctrl-C asks the models only for what is missing.
+report.json`` the answers and verdicts of every batch are saved in ``report.calls.jsonl``:
+rerunning the same command after a crash or Ctrl-C asks the models only for what is missing.
 
 ``pit-run`` runs the whole chain of a recipe, skipping finished stages (:mod:`tpo_data.pit_run`).
 """
@@ -72,7 +72,7 @@ def add_cli(subparsers: Any) -> None:
     evaluate.add_argument("--max-items", type=int, default=16)
     evaluate.add_argument("--rounds", type=int, default=2)
     evaluate.add_argument("--output", help="also write the report as JSON to this file; every answer and "
-                          "verdict is kept beside it (NAME.calls.jsonl), so a rerun resumes where it stopped")
+                          "verdict is kept beside it (report.json -> report.calls.jsonl), so a rerun resumes")
     _add_generation(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 

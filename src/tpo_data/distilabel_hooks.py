@@ -21,8 +21,8 @@ _ABSENT = object()
 
 
 def _ipython_shell() -> Any:
-    ipython = sys.modules.get("IPython")
-    return ipython.get_ipython() if ipython is not None else None
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    return get_ipython() if get_ipython is not None else None
 
 
 def import_distilabel() -> None:
@@ -34,7 +34,9 @@ def import_distilabel() -> None:
     saved = {name: vars(shell).get(name, _ABSENT) for name in _IPYTHON_HOOKS} if shell is not None else {}
     try:
         importlib.import_module("distilabel")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as err:
+        if err.name != "distilabel":
+            raise
         return  # .venv-vllm installs tpo-data without dependencies; only its vLLM plugin runs there
     sys.excepthook = excepthook
     for name, value in saved.items():

@@ -511,19 +511,52 @@ def check_push_to_hub(repo_id: str | None, *, judged: bool, token: str | None = 
             f"--push_to_hub {repo_id!r} is not a Hub dataset repo id",
             "pass it as namespace/name, for example --push_to_hub your-user/tpo-pairs",
         )
-    _check_write_token(_resolve_token(token, required=True))
+    _check_write_token(_resolve_token(token, required=True), repo_id)
 
 
-def _check_write_token(token: str, *, max_retries: int = 3, backoff: float = 1.0) -> None:
-    """Ask the Hub whose token this is: a refused or read-only token fails now, not after generation."""
-    who = _retrying(lambda: _api(token).whoami(), "check the Hugging Face token",
-                    max_retries=max_retries, backoff=backoff)
-    if ((who.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+def token_write_problem(who: dict[str, Any], repo_id: str) -> str | None:
+    """Why the token that the Hub's whoami answer ``who`` describes cannot write to dataset
+    ``repo_id``, or None. Shapes it does not know (OAuth, old org tokens) pass: the push decides."""
+    namespace, name = repo_id.split("/", 1)[0], who.get("name")
+    access = (who.get("auth") or {}).get("accessToken") or {}
+    orgs = {org.get("name"): org.get("roleInOrg") for org in who.get("orgs") or [] if isinstance(org, dict)}
+    if access.get("role") == "read":
+        return f"the Hugging Face token of {name} is read-only"
+    if name and namespace != name and namespace not in orgs:
+        return (f"the Hugging Face token belongs to {name}, who is not a member of {namespace} "
+                f"(organizations: {', '.join(sorted(filter(None, orgs))) or 'none'})")
+    if orgs.get(namespace) == "read":
+        return f"{name} has the read role in {namespace}"
+    if access.get("role") == "fineGrained":
+        scoped = (access.get("fineGrained") or {}).get("scoped") or []
+        if not any("repo.write" in (scope.get("permissions") or [])
+                   and (scope.get("entity") or {}).get("name") in (namespace, repo_id) for scope in scoped):
+            return f"the fine-grained Hugging Face token of {name} has no repo.write permission on {namespace}"
+    return None
+
+
+def _check_write_token(token: str, repo_id: str) -> None:
+    """Ask the Hub whose token this is: a token that cannot write to ``repo_id`` fails now, not after
+    generation. Advisory otherwise: a Hub that cannot answer (offline, rate-limited) only warns."""
+    try:
+        who = _api(token).whoami()
+    except Exception as err:  # classified below, reported scrubbed
+        if _first_status(err) == 401:
+            raise TPODataError(
+                f"the Hub refused the Hugging Face token ({_describe(err)})",
+                "export HF_TOKEN=<a valid write token from https://huggingface.co/settings/tokens> "
+                "(or `hf auth login --force`), or drop --push_to_hub",
+            ) from None
+        logger.warning("could not check the Hugging Face token before generation (%s); the push "
+                       "after it will tell", _describe(err))
+        return
+    problem = token_write_problem(who, repo_id)
+    if problem:
         raise TPODataError(
-            f"the Hugging Face token of {who.get('name', 'this account')} is read-only, so nothing "
-            "could be published",
-            "export HF_TOKEN=<a write or fine-grained token with write access, from "
-            "https://huggingface.co/settings/tokens>, or drop --push_to_hub",
+            f"{problem}, so {repo_id} could not be published",
+            f"export HF_TOKEN=<a write token, or a fine-grained one with repo.write on {repo_id.split('/')[0]}, "
+            "from https://huggingface.co/settings/tokens>, pick a --push_to_hub namespace it can write "
+            "to, or drop --push_to_hub",
         )
 
 

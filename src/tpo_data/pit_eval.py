@@ -23,10 +23,10 @@ pair-wise judge compares each pair in both orders: winning both is 1, one order 
 tie or unusable verdict in the other 3/4, split or tied 1/2 (as ``tpo-data eval``); an
 unchanged answer is a tie without a judge call.
 
-Resuming: with a :class:`CallLedger` (``pit-eval --output FILE`` keeps it in
-``FILE.calls.jsonl``) every answer and pair-wise verdict is saved as it comes, so a rerun
-after a crash or Ctrl-C asks the models only for what is missing, and the file holds every
-rewrite for inspection.
+Resuming: with a :class:`CallLedger` (``pit-eval --output report.json`` keeps it in
+``report.calls.jsonl``) the answers and pair-wise verdicts of every batch are saved when
+it ends, so a rerun after a crash or Ctrl-C asks the models only for what is missing, and
+the file holds every rewrite for inspection.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class CallLedger:
         self.asked: Counter[str] = Counter()
         if path is None or not path.is_file():
             return
-        text = path.read_text("utf-8")
+        text = path.read_text("ascii", errors="replace")
         for line in text.splitlines():
             try:
                 entry = json.loads(line)
@@ -84,7 +84,7 @@ class CallLedger:
         """``compute`` on the inputs without a saved output; every output, in input order."""
         keys = []
         for item in inputs:
-            base = hashlib.sha256(json.dumps([who, item], ensure_ascii=False).encode()).hexdigest()
+            base = hashlib.sha256(json.dumps([who, item]).encode()).hexdigest()
             keys.append(f"{base}-{self.asked[base]}")
             self.asked[base] += 1
         missing = [i for i, key in enumerate(keys) if key not in self.done]
@@ -95,9 +95,9 @@ class CallLedger:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a", encoding="utf-8") as fh:
+                    # ASCII (escaped): a write cut short cannot split a character and spoil the file.
                     fh.writelines(json.dumps({"key": keys[i], "who": who, "input": inputs[i],
-                                              "value": self.done[keys[i]]}, ensure_ascii=False) + "\n"
-                                  for i in missing)
+                                              "value": self.done[keys[i]]}) + "\n" for i in missing)
         return [self.done[key] for key in keys]
 
 
@@ -230,8 +230,12 @@ class PairwiseLLMJudge:
 
     def __init__(self, llm: Any, name: str = "", force_verdict: bool = True, ledger: CallLedger | None = None,
                  who: str = ""):
+        from tpo_data.judges import SYSTEM_PROMPT, USER_TEMPLATE
+
         self.llm, self.name, self.force_verdict = llm, name, force_verdict
-        self.ledger, self.who = ledger or CallLedger(None), f"{who or name} force={force_verdict}"
+        # Saved verdicts hold for this judge, this prompt and this verdict rule only.
+        prompt = hashlib.sha256((SYSTEM_PROMPT + USER_TEMPLATE).encode()).hexdigest()[:10]
+        self.ledger, self.who = ledger or CallLedger(None), f"{who or name} prompt={prompt} force={force_verdict}"
         self.calls = self.forced = self.undecided = 0
         self.pairs = self.decided = 0  # pairs judged; those not tied (the two orders did not cancel out)
 

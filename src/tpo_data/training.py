@@ -407,10 +407,12 @@ def check_output_dir(args: TrainArguments, training_args: DPOConfig) -> None:
         )
     if occupied and state.is_main_process:
         # Stale checkpoints would be rotated, resumed or reported as this run's best; a stale
-        # adapter would sit beside a model it was not trained for.
+        # adapter would sit beside a model it was not trained for; a stale lineage.json would
+        # mark the folder finished (to the loop) if this run fails.
         for old in [*out.glob("checkpoint-*"), out / ADAPTER]:
             if old.is_dir():
                 shutil.rmtree(old)
+        (out / LINEAGE).unlink(missing_ok=True)
     state.wait_for_everyone()
 
 
@@ -422,21 +424,62 @@ def check_peft(model_args: ModelConfig) -> None:
         )
 
 
-def merge_adapter(parent: Path | str, adapter: Path, out: Path, model_args: ModelConfig) -> None:
+def check_mergeable(model_args: ModelConfig, model_path: Path | str) -> None:
+    """A LoRA run's adapter is merged into the parent's weights, which must not be stored quantized."""
+    config = Path(model_path) / "config.json"
+    if model_args.use_peft and config.is_file() and "quantization_config" in json.loads(config.read_text("utf-8")):
+        raise TPODataError(
+            f"{model_path} is stored quantized, so the LoRA adapter could not be merged into "
+            "full-precision weights to make M_t",
+            "train from the unquantized parent and pass --load_in_4bit (QLoRA) instead",
+        )
+
+
+def merge_adapter(parent: str, adapter: str, out: str, revision: str | None, dtype: str | None) -> None:
     """Save the parent with the LoRA adapter merged in, and the adapter's tokenizer, to ``out``.
 
-    The parent is loaded afresh from disk at full precision (not 4/8-bit), on one process, so
-    the merge works the same after DeepSpeed, FSDP or QLoRA training.
+    Runs in a child process (:func:`merge_in_child`): the parent is loaded afresh, unquantized.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(
-        str(parent), revision=model_args.model_revision, dtype=model_args.dtype or "auto"
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(parent, revision=revision, dtype=dtype or "auto")
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+
+
+def merge_in_child(parent: Path | str, adapter: Path, out: Path, model_args: ModelConfig) -> None:
+    """:func:`merge_adapter` in a fresh interpreter: a plain single-process load there, whatever
+    DeepSpeed ZeRO-3 or FSDP state this one holds (under ZeRO-3 an in-process load would be
+    partitioned across processes that are no longer listening)."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=merge_adapter,
+        args=(str(parent), str(adapter), str(out), model_args.model_revision, model_args.dtype),
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise TPODataError(
+            f"merging the LoRA adapter into {parent} failed (exit status {child.exitcode}, error above); "
+            f"the trained adapter is saved in {adapter}",
+            "fix the cause (the merge loads the parent on the CPU at --dtype) and rerun with "
+            "--overwrite_output_dir, or merge the adapter yourself with peft's merge_and_unload",
+        )
+
+
+def check_saved(folder: Path, adapter: bool) -> None:
+    """The trainer wrote loadable weights (a DeepSpeed setting can make it write a raw checkpoint)."""
+    wanted = ("adapter_config.json",) if adapter else ("config.json",)
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not (weights and all((folder / name).is_file() for name in wanted)):
+        raise TPODataError(
+            f"the trainer saved no loadable {'adapter' if adapter else 'model'} in {folder}",
+            "with DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true in its config, "
+            "then rerun with --resume_from_checkpoint or --overwrite_output_dir",
+        )
 
 
 def check_eval_settings(training_args: DPOConfig, has_eval: bool) -> None:
@@ -467,7 +510,9 @@ def _adapter_settings(model_args: ModelConfig) -> dict[str, Any] | None:
         return None
     return {"folder": ADAPTER, "merged": True, "r": model_args.lora_r, "alpha": model_args.lora_alpha,
             "dropout": model_args.lora_dropout, "target_modules": model_args.lora_target_modules,
-            "use_dora": model_args.use_dora, "use_rslora": model_args.use_rslora}
+            "modules_to_save": model_args.lora_modules_to_save, "use_dora": model_args.use_dora,
+            "use_rslora": model_args.use_rslora, "load_in_4bit": model_args.load_in_4bit,
+            "load_in_8bit": model_args.load_in_8bit, "dtype": model_args.dtype}
 
 
 def training_settings(training_args: DPOConfig, world_size: int) -> dict[str, Any]:
@@ -594,6 +639,7 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
     parent = resolve_parent(script_args, model_args, source.manifest)
     with state.main_process_first():  # "embedded" is converted once, by one process
         model_path = resolve_model(parent)
+    check_mergeable(model_args, model_path)
 
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -634,12 +680,18 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
     out = Path(training_args.output_dir)
-    # save_model gathers sharded (ZeRO-3/FSDP) weights, so every process calls it.
-    trainer.save_model(str(out / ADAPTER) if model_args.use_peft else str(out))
+    if trainer.is_fsdp_enabled:
+        # save_model writes nothing from sharded state dicts (FSDP2's default): gather a full one.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    saved = out / ADAPTER if model_args.use_peft else out
+    trainer.save_model(str(saved))  # gathers sharded weights, so every process calls it
+    # The main process goes on alone: the others would wait for a long merge in a barrier that times out.
+    trainer.accelerator.wait_for_everyone()
 
     if trainer.accelerator.is_main_process:
+        check_saved(saved, adapter=model_args.use_peft)
         if model_args.use_peft:
-            merge_adapter(model_path, out / ADAPTER, out, model_args)
+            merge_in_child(model_path, saved, out, model_args)
         best = trainer.state.best_model_checkpoint
         lineage = {
             "dataset": {**source.lineage, "config": PAIRS},
@@ -661,7 +713,6 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         write_text_atomic(out / LINEAGE, scrub(json.dumps(lineage, indent=2, default=str)) + "\n")
         (out / CARD).write_text(scrub(build_card(lineage, source.label)), encoding="utf-8")
         trainer.accelerator.print(f"model saved to {out} (card: {out / CARD})")
-    trainer.accelerator.wait_for_everyone()
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()  # closes the trackers and the process group
     return out
