@@ -174,6 +174,20 @@ def test_improve_many_keeps_the_last_better_answer():
     assert result.best == "a++" and result.calls == 3
     (capped,) = improve_many(["x"], ["a"], _appender, _ScriptedGap([1.0, 1.0, 1.0]), max_rounds=2)
     assert capped.best == "a++" and capped.calls == 2
+    # A failed call (empty text) is never an improvement, whatever the gap model says of it.
+    (failed,) = improve_many(["x"], ["a"], lambda convs: ["" for _ in convs], _ScriptedGap([5.0]), max_rounds=1)
+    assert failed.kept == [False] and failed.best == "a"
+
+
+def test_nan_scores_count_as_ties():
+    from tpo_data.pit_eval import _win_share
+
+    class NaNJudge:  # a point-wise judge that cannot score answers containing "?"
+        def score(self, instructions, responses):
+            return [math.nan if "?" in r else float(len(r)) for r in responses]
+
+    # long beats short (1), "?" on either side (1/2 each), equal lengths (1/2)
+    assert _win_share(NaNJudge(), ["x"] * 4, ["long", "?", "ab", "ab"], ["s", "ab", "?", "cd"]) == 2.5 / 4
 
 
 class _LengthJudge:
@@ -299,7 +313,7 @@ def test_reward_step_trains_the_gap_loss(pit_run):
     expected = gap_ranking_loss(*(torch.tensor(s) for s in scores))
     assert trainer_loss.item() == pytest.approx(expected.item(), rel=1e-4)
     # An unchanged answer is exactly "no better", whatever level R(x, y, y) has.
-    assert rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])[0] == pytest.approx(0, abs=1e-5)
+    assert rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])[0] == 0.0  # exactly, no call
 
 
 def test_reward_step_under_two_processes(pit_run, tmp_path):
@@ -319,7 +333,7 @@ def test_reward_step_under_two_processes(pit_run, tmp_path):
     assert json.loads((out / GAP_MARKER).read_text())["kind"] == "pit-gap-reward"
     rm = GapRewardModel(out)
     gaps = rm.calibrated_gap(["x", "x"], ["same", "new"], ["same", "old"])
-    assert gaps[0] == pytest.approx(0, abs=1e-5) and math.isfinite(gaps[1])
+    assert gaps[0] == 0.0 and math.isfinite(gaps[1]) and gaps[1] != 0.0
 
 
 def test_rl_step_both_rounds(pit_run, tmp_path):
@@ -334,8 +348,16 @@ def test_rl_step_both_rounds(pit_run, tmp_path):
                       "--model", str(round1), "--output_dir", str(tmp_path / "pipe"), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pit-rl-refs-2" in done.stdout
-    round2 = train_main(["rl", *common, "--round", "2", "--model", str(round1), "--kl_reference",
-                         str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl-2")])
+    round2_args = ["rl", *common, "--round", "2", "--model", str(round1), "--kl_reference", str(pit_run["lm"])]
+    # Refused before any loading: round 2 from the SFT model (no round 1), over its own start, or on
+    # references made for another version's instructions.
+    for extra, problem in ((["--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "x")], "skips round 1"),
+                           (["--output_dir", str(round1)], "write over the model it starts from"),
+                           (["--version", "pit-other", "--output_dir", str(tmp_path / "x")],
+                            "references for the instructions of pit-sft-1, not of pit-other")):
+        with pytest.raises(TPODataError, match=problem):
+            train_main([*round2_args, *extra])
+    round2 = train_main([*round2_args, "--output_dir", str(tmp_path / "rl-2")])
     assert (round2 / "model.safetensors").is_file()
 
 

@@ -207,7 +207,7 @@ def improve_many(instructions: Sequence[str], answers: Sequence[str], pit: Any, 
                                         [current[i] for i in active])
         still = []
         for i, text, gap in zip(active, new, gaps):
-            better = not math.isnan(gap) and gap > threshold
+            better = bool(text.strip()) and not math.isnan(gap) and gap > threshold  # "" = failed call
             results[i].rewrites.append(text)
             results[i].gaps.append(gap)
             results[i].kept.append(better)
@@ -264,7 +264,8 @@ def _win_share(judge: Any, instructions: Sequence[str], new: Sequence[str], old:
         return sum(outcomes) / len(outcomes)
     scores = judge.score(list(instructions) * 2, list(new) + list(old))
     a, b = scores[: len(new)], scores[len(new):]
-    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+    # A NaN score (either side) says nothing about the pair: a tie, as for an unusable verdict.
+    wins = sum(0.5 if math.isnan(x) or math.isnan(y) or x == y else float(x > y) for x, y in zip(a, b))
     return wins / len(new)
 
 

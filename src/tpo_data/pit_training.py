@@ -104,7 +104,9 @@ class RLStageArguments:
         metadata={"help": "Model the KL penalty is measured against (default: --model). Round 2: the SFT model."},
     )
     reward_batch_size: int = field(default=8, metadata={"help": "Gap reward model batch size."})
-    reward_max_length: int = field(default=1024, metadata={"help": "Gap reward model max tokens."})
+    reward_max_length: int | None = field(
+        default=None, metadata={"help": "Gap reward model max tokens (default: what it was trained with)."}
+    )
     train_layers: int = _train_layers_field()
 
     def __post_init__(self) -> None:
@@ -261,7 +263,8 @@ def load_tokenizer(path: str) -> Any:
 class GapRewardModel:
     """R(x, y1, y2) from a folder written by ``trainers/pit.py reward``."""
 
-    def __init__(self, path: str | Path, *, batch_size: int = 8, max_length: int = 1024, device: str = "auto"):
+    def __init__(self, path: str | Path, *, batch_size: int = 8, max_length: int | None = None,
+                 device: str = "auto"):
         from transformers import AutoModelForSequenceClassification
 
         from tpo_data.reward_models import resolve_device
@@ -274,7 +277,9 @@ class GapRewardModel:
                 "Train one with `python trainers/pit.py reward --config recipes/pit-smollm2.yaml` "
                 "and pass its output_dir.",
             )
-        self.batch_size, self.max_length = batch_size, max_length
+        # Scored as trained: texts cut at the trained length, unless the caller says otherwise.
+        trained = json.loads((folder / GAP_MARKER).read_text("utf-8")).get("max_length", 1024)
+        self.batch_size, self.max_length = batch_size, max_length or trained
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(str(folder))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(folder)).to(self.device).eval()
@@ -297,11 +302,17 @@ class GapRewardModel:
 
         The ranking loss only fixes differences between scores, so the level of the
         middle class R(x, y, y) is arbitrary (a trained model gave an unchanged copy +1.7).
-        Measuring from the model's own "equal answers" score makes 0 the no-change point.
+        Measuring from the model's own "equal answers" score makes 0 the no-change point;
+        an unchanged answer gets exactly 0 without a call (batches of other padding would
+        give it float noise, and a +1e-7 would count as an improvement).
         """
-        raw = self.gap(instructions, new, last)
-        same = self.gap(instructions, last, last)
-        return [a - b for a, b in zip(raw, same)]
+        changed = [i for i, (a, b) in enumerate(zip(new, last, strict=True)) if a != b]
+        x, y, y_last = ([texts[i] for i in changed] for texts in (instructions, new, last))
+        raw, same = self.gap(x, y, y_last), self.gap(x, y_last, y_last)
+        gaps = [0.0] * len(new)
+        for i, a, b in zip(changed, raw, same):
+            gaps[i] = a - b
+        return gaps
 
 
 def gap_collator(tokenizer: Any, max_length: int):
@@ -404,12 +415,35 @@ def gap_reward_function(reward_model: GapRewardModel):
     return gap_reward
 
 
+def check_round_two(data: PITDataArguments, stage: RLStageArguments, path: str, output_dir: str) -> None:
+    """Round 2 continues round 1 (METHOD.md 2.4: round 2 alone +1.7%, both rounds +13.0%)."""
+    from tpo_data.store import LocalStore
+
+    if stage.kl_reference and Path(path).resolve() == Path(model_path(stage.kl_reference, "--kl_reference")).resolve():
+        raise TPODataError(
+            f"RL round 2 would start from {path}, its KL reference (the SFT model): that skips round 1",
+            "pass --model ROUND1_OUTPUT_DIR (the rl section's output_dir), as recipes/pit-smollm2.yaml's rl2 does",
+        )
+    if Path(output_dir).resolve() == Path(path).resolve():
+        raise TPODataError(f"RL round 2 would write over the model it starts from ({path})",
+                           "pass another --output_dir (the recipe's rl2 section has one)")
+    refs_parent = LocalStore(data.store).manifest(stage.refs_version).get("parent_version")
+    if refs_parent != data.version:
+        raise TPODataError(
+            f"{stage.refs_version} holds references for the instructions of {refs_parent}, not of {data.version}",
+            f"rebuild them: python pipelines/pit.py --stage refs --sft_version {data.version} (or pass the "
+            "--version they were made from)",
+        )
+
+
 def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     """One curriculum round of RLOO against the gap reward; returns the saved policy folder."""
     from transformers import AutoModelForCausalLM
     from trl import RLOOTrainer
 
     path = model_path(stage.model, "--model")
+    if stage.round == 2:
+        check_round_two(data, stage, path, config.output_dir)
     reward_model = GapRewardModel(stage.reward_model, batch_size=stage.reward_batch_size,
                                   max_length=stage.reward_max_length)
     version = data.version if stage.round == 1 else stage.refs_version
