@@ -69,7 +69,8 @@ def add_cli(subparsers: Any) -> None:
     evaluate.add_argument("--version", default="pit-sft-1", help="version with a 'test' config")
     evaluate.add_argument("--self-refine-model",
                           help="model prompted to 'improve this answer' (default: --policy; 'none' skips it)")
-    evaluate.add_argument("--max-items", type=int, default=16)
+    evaluate.add_argument("--max-items", type=int, default=16,
+                          help="held-out instructions to evaluate (one item each, however many rows it has)")
     evaluate.add_argument("--rounds", type=int, default=2)
     evaluate.add_argument("--output", help="also write the report as JSON to this file; every answer and "
                           "verdict is kept beside it (report.json -> report.calls.jsonl), so a rerun resumes")
@@ -150,7 +151,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if Path(args.judge_model).resolve() == Path(args.reward_model).resolve():
         raise TPODataError("--judge-model is the gap reward model PIT was trained against.",
                            "Judge with an independent point-wise reward model or LLM judge.")
-    rows = load_rows(args.store, args.version, TEST, args.max_items)
+    # Items are instructions (y_0 comes from the policy): one per instruction, however many
+    # preference rows it had.
+    instructions = list(dict.fromkeys(load_rows(args.store, args.version, TEST)["instruction"]))[: args.max_items]
     gap_model = GapRewardModel(args.reward_model)
     if args.judge == "reward_model":
         judge: Any = RewardModelScorer(model_path(args.judge_model, "--judge-model"))
@@ -166,7 +169,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         refine_name = args.self_refine_model
         refiner = None if refine_name == "none" else policy if not refine_name else _chat(
             args, models, refine_name, "--self-refine-model")
-        instructions = rows["instruction"]
         initial = policy([[{"role": "user", "content": x}] for x in instructions])
         report = evaluate(instructions, initial, pit, gap_model, judge, refiner, args.rounds, args.threshold)
     report.update(pit_model=args.pit_model, policy=args.policy or args.pit_model,
