@@ -464,14 +464,15 @@ def test_pairwise_judge_outcomes_and_win_share():
     assert judge.compare(["x"], ["GOOD"], ["bad"]) == [0.5]
 
 
-def _marker_stage(name, tmp_path, needs=(), stamp=False, store_version=False, fail=False):
+def _marker_stage(name, tmp_path, needs=(), stamp=False, store_version=False, fail=False, settings=None):
     from tpo_data.pit_run import Stage
 
     marker = tmp_path / name / ("stamp.json" if stamp else "manifest.json")
     write_marker = f"p = pathlib.Path({str(marker)!r}); p.parent.mkdir(exist_ok=True); p.write_text('{{}}')"
     code = (f"import pathlib; pathlib.Path({str(tmp_path / 'log')!r}).open('a').write({name!r} + '\\n')\n"
             + ("raise SystemExit(3)\n" if fail else "") + ("" if stamp else write_marker))
-    return Stage(name, [sys.executable, "-c", code], marker, list(needs), stamp=stamp, store_version=store_version)
+    return Stage(name, [sys.executable, "-c", code], marker, list(needs), stamp=stamp, store_version=store_version,
+                 settings=settings or {})
 
 
 def _ran(tmp_path):
@@ -504,6 +505,52 @@ def test_pit_run_skips_finished_stages_and_redoes_stale_ones(tmp_path):
     late = [_marker_stage("sft", tmp_path, stamp=True), _marker_stage("rows", tmp_path, ["sft"], store_version=True)]
     with pytest.raises(TPODataError, match="Delete .*rows"):
         run_stages(late, times)
+
+
+def test_pit_run_redoes_a_stage_whose_recipe_settings_changed(tmp_path):
+    from tpo_data.pit_run import run_stages
+
+    def stages(sft_lr=1e-5, holdout=16):
+        return [_marker_stage("rows", tmp_path, store_version=True, settings={"holdout_size": holdout}),
+                _marker_stage("sft", tmp_path, ["rows"], stamp=True, settings={"sft": {"learning_rate": sft_lr}}),
+                _marker_stage("eval", tmp_path, ["sft"])]
+
+    times = tmp_path / "pit_run.json"
+    run_stages(stages(), times)
+    run_stages(stages(), times)
+    assert _ran(tmp_path) == ["rows", "sft", "eval"]
+    # Another learning rate: sft is trained again, and eval (which reads it) redone; rows kept.
+    run_stages(stages(sft_lr=5e-5), times)
+    assert _ran(tmp_path)[3:] == ["sft", "eval"]
+    run_stages(stages(sft_lr=5e-5), times)
+    assert len(_ran(tmp_path)) == 5
+    # A store version made with other settings is never rewritten: the run names it.
+    with pytest.raises(TPODataError, match="(?s)made with other recipe settings for rows.*Delete .*rows"):
+        run_stages(stages(sft_lr=5e-5, holdout=8), times)
+
+
+def test_pit_run_fingerprints_follow_what_each_stage_reads(tmp_path):
+    import yaml
+
+    from tpo_data.pit_run import plan
+
+    def fingerprints(edit):
+        recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
+        edit(recipe)
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        return {s.name: s.fingerprint for s in plan(tmp_path / "r.yaml", python="PY")}
+
+    base = fingerprints(lambda r: None)
+    changed = {
+        "refs model": (lambda r: r["pipeline"].update(model="outputs/pit-smollm2/rl-1"), {"refs-2"}),
+        "rl beta": (lambda r: r["rl"].update(beta=0.1), {"rl-1", "rl-2"}),
+        "eval rounds": (lambda r: r["eval"].update(rounds=3), {"eval"}),
+        "holdout": (lambda r: r["pipeline"].update(holdout_size=8), {"rows", "refs-2"}),
+        "torch threads": (lambda r: r.setdefault("run", {}).update(torch_threads=2), set()),
+    }
+    for what, (edit, stages) in changed.items():
+        now = fingerprints(edit)
+        assert {name for name in base if now[name] != base[name]} == stages, what
 
 
 def test_pit_run_stops_at_a_failing_stage(tmp_path):

@@ -18,10 +18,12 @@ rl-2        ``trainers/pit.py rl`` + section ``rl2:`` (round 2)               st
 eval        ``tpo-data pit-eval`` + section ``eval:``                          ``eval.output`` (JSON)
 ==========  ===============================================================  =========================
 
-A stage is skipped when its marker exists and is newer than the markers of the stages it
-reads; otherwise it runs (a model folder without a stamp, e.g. from a killed run, is simply
-trained again). A store version is never rewritten: if one is older than its inputs the
-run stops and names the folder to delete. Wall times go to ``<pipeline.output_dir>/pit_run.json``;
+A stage is skipped when its marker exists, is newer than the markers of the stages it
+reads, and was made with the recipe settings the stage reads now (its command, the
+recipe's shared top-level keys and its own sections, hashed into ``pit_run.json``);
+otherwise it runs (a model folder without a stamp, e.g. from a killed run, is simply
+trained again). A store version is never rewritten: if one is older than its inputs, or
+its settings changed, the run stops and names the folder to delete. Wall times go to ``<pipeline.output_dir>/pit_run.json``;
 the end prints them and the evaluation.
 
 Recipe sections read here besides those of the stages: ``prefs:`` (flags of the TPO
@@ -33,6 +35,7 @@ on a shared 2-core machine one thread per process trained twice as fast as two).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,11 +47,18 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
-from tpo_data.pit_training import REFS_VERSION, SFT_VERSION, read_recipe
+from tpo_data.pit_training import RECIPE_SECTIONS, REFS_VERSION, SFT_VERSION, read_recipe
 from tpo_data.store import MANIFEST
 
 log = logging.getLogger("tpo_data")
 
+# Sections only pit-run reads (the stage commands read RECIPE_SECTIONS and the shared keys).
+PIT_RUN_SECTIONS = ("prefs", "rl2", "eval", "run")
+# What the rows stage reads of the pipeline section (the rest is the refs stage's engine and sampling).
+ROWS_KEYS = ("preferences", "preferences_config", "preferences_split", "max_preferences", "holdout_size",
+             "split_seed", "store", "sft_version")
+# Pipeline keys that change where or how fast, not what.
+_RUN_ONLY = ("stage", "output_dir", "input_batch_size")
 STAMP = "pit_run_done.json"  # written into a model folder once its stage exited cleanly
 TIMES = "pit_run.json"
 MIN_TRAIN_ROWS = 32
@@ -65,6 +75,13 @@ class Stage:
     stamp: bool = False  # the runner writes the marker (model folders); else the command does
     store_version: bool = False  # never rewritten: stale means "delete it yourself"
     env: dict[str, str] = field(default_factory=dict)  # set for the command unless already set
+    settings: dict[str, Any] = field(default_factory=dict)  # the recipe parts the command reads
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the stage's output: its command and the recipe parts it reads."""
+        what = json.dumps([self.command[1:], self.settings], sort_keys=True, default=str)  # not the interpreter
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def _flags(section: dict[str, Any]) -> list[str]:
@@ -95,6 +112,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     for name in ("sft", "reward", "rl", "rl2"):
         _require(sections[name], "output_dir", name, recipe)
     preferences = Path(_require(pipe, "preferences", "pipeline", recipe))
+    shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
     stages: list[Stage] = []
 
     prefs = data.get("prefs")
@@ -109,7 +127,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
                 f"{recipe}: the prefs stage writes {written}, but pipeline.preferences is {preferences}.",
                 f"Set pipeline.preferences: {written}, or remove the prefs section.")
         stages.append(Stage("prefs", [py, "pipelines/tpo.py", "--config", tpo_config, *_flags(prefs)],
-                            preferences / MANIFEST, store_version=True))
+                            preferences / MANIFEST, store_version=True, settings={"config": read_recipe(tpo_config)}))
     elif not (preferences / MANIFEST).is_file() and not preferences.is_file():
         hint = ("bash scripts/main.sh" if "tpo-smollm2" in str(preferences)
                 else "the pipeline that writes it")
@@ -123,24 +141,27 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     torch_env = {"OMP_NUM_THREADS": str(run["torch_threads"])} if run.get("torch_threads") else {}
 
     stages.append(Stage("rows", [py, "pipelines/pit.py", "--config", recipe, "--stage", "rows"],
-                        store / SFT_VERSION / MANIFEST, needs=first, store_version=True))
+                        store / SFT_VERSION / MANIFEST, needs=first, store_version=True,
+                        settings={k: {**shared, **pipe}.get(k) for k in ROWS_KEYS}))
     trainer = [py, "trainers/pit.py"]
     sft_dir, reward_dir = Path(sections["sft"]["output_dir"]), Path(sections["reward"]["output_dir"])
     rl1_dir, rl2_dir = Path(sections["rl"]["output_dir"]), Path(sections["rl2"]["output_dir"])
     stages.append(Stage("sft", [*trainer, "sft", "--config", recipe], sft_dir / STAMP, ["rows"], stamp=True,
-                        env=torch_env))
+                        env=torch_env, settings={**shared, "sft": sections["sft"]}))
     stages.append(Stage("reward", [*trainer, "reward", "--config", recipe], reward_dir / STAMP, ["rows"],
-                        stamp=True, env=torch_env))
+                        stamp=True, env=torch_env, settings={**shared, "reward": sections["reward"]}))
     stages.append(Stage("rl-1", [*trainer, "rl", "--config", recipe], rl1_dir / STAMP,
-                        ["rows", "sft", "reward"], stamp=True, env=torch_env))
+                        ["rows", "sft", "reward"], stamp=True, env=torch_env, settings={**shared, "rl": sections["rl"]}))
     # Round 2's references come from pipeline.model: the base policy, or a checkpoint of this run.
     by_dir = {sft_dir.resolve(): "sft", rl1_dir.resolve(): "rl-1"}
     refs_model = by_dir.get(Path(str(pipe.get("model", "embedded"))).resolve())
     stages.append(Stage("refs-2", [py, "pipelines/pit.py", "--config", recipe, "--stage", "refs"],
                         store / REFS_VERSION / MANIFEST, ["rows", *([refs_model] if refs_model else [])],
-                        store_version=True, env=torch_env if pipe.get("engine") == "transformers" else {}))
+                        store_version=True, env=torch_env if pipe.get("engine") == "transformers" else {},
+                        settings={**shared, **{k: v for k, v in pipe.items() if k not in _RUN_ONLY}}))
     stages.append(Stage("rl-2", [*trainer, "rl", "--config", recipe, *_flags(sections["rl2"])],
-                        rl2_dir / STAMP, ["rl-1", "refs-2", "sft", "reward"], stamp=True, env=torch_env))
+                        rl2_dir / STAMP, ["rl-1", "refs-2", "sft", "reward"], stamp=True, env=torch_env,
+                        settings={**shared, "rl": sections["rl"]}))
     ev = dict(sections["eval"])
     output = Path(_require(ev, "output", "eval", recipe))
     ev.setdefault("store", str(store))
@@ -153,13 +174,23 @@ def _mtime(path: Path) -> float | None:
     return path.stat().st_mtime if path.is_file() else None
 
 
-def is_done(stage: Stage, stages: dict[str, Stage]) -> bool:
-    """Finished, and newer than everything it reads.
+def is_done(stage: Stage, stages: dict[str, Stage], recorded: dict[str, Any] | None = None) -> bool:
+    """Finished, newer than everything it reads, and (per ``recorded``, the run's pit_run.json)
+    made with the settings it has now.
 
-    Raises for a store version older than its inputs: store versions are never rewritten.
+    Raises for a store version older than its inputs or made with other settings: store
+    versions are never rewritten.
     """
     own = _mtime(stage.marker)
     if own is None:
+        return False
+    made_with = ((recorded or {}).get(stage.name) or {}).get("settings")
+    if made_with is not None and made_with != stage.fingerprint:
+        if stage.store_version:
+            raise TPODataError(
+                f"{stage.marker.parent} was made with other recipe settings for {stage.name} than the recipe has now.",
+                f"Delete {stage.marker.parent} and rerun to rebuild it, or restore the recipe.")
+        log.info("pit-run: %s: its recipe settings changed since it ran; redone", stage.name)
         return False
     inputs = [_mtime(stages[n].marker) for n in stage.needs if n in stages]
     stale = [n for n, t in zip(stage.needs, inputs) if t is not None and t > own]
@@ -179,10 +210,10 @@ def _train_rows(stage: Stage) -> int | None:
         return None
 
 
-def _record(times_path: Path, name: str, seconds: float, command: list[str]) -> None:
+def _record(times_path: Path, stage: Stage, seconds: float) -> None:
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    times[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "command": " ".join(command)}
+    times[stage.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "command": " ".join(stage.command), "settings": stage.fingerprint}
     times_path.parent.mkdir(parents=True, exist_ok=True)
     times_path.write_text(json.dumps(times, indent=2))
 
@@ -204,10 +235,11 @@ def run_stages(stages: list[Stage], times_path: Path, only: str | None = None, d
         raise TPODataError(f"Unknown stage {only!r}.", f"Use one of: {', '.join(by_name)}.")
     started = time.monotonic()
     ran: list[str] = []
+    recorded = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for stage in stages:
         if only is not None and stage.name != only:
             continue
-        done = is_done(stage, by_name)
+        done = is_done(stage, by_name, recorded)
         if dry_run:
             print(f"{stage.name:7s} {'done' if done else 'to run'}: {' '.join(stage.command)}")
             continue
@@ -215,6 +247,8 @@ def run_stages(stages: list[Stage], times_path: Path, only: str | None = None, d
             log.info("pit-run: %s is done (%s), skipped", stage.name, stage.marker)
             continue
         log.info("pit-run: %s: %s", stage.name, " ".join(stage.command))
+        if stage.stamp:
+            stage.marker.unlink(missing_ok=True)  # the folder is being retrained: not finished until it is
         t0 = time.monotonic()
         env = {**stage.env, **os.environ} if stage.env else None
         code = subprocess.run(stage.command, env=env).returncode
@@ -229,7 +263,7 @@ def run_stages(stages: list[Stage], times_path: Path, only: str | None = None, d
         elif not stage.marker.is_file():
             raise TPODataError(f"Stage {stage.name} exited cleanly but wrote no {stage.marker}.",
                                "Check the recipe's paths for this stage.")
-        _record(times_path, stage.name, seconds, stage.command)
+        _record(times_path, stage, seconds)
         ran.append(stage.name)
         if stage.name == "rows":
             rows = _train_rows(stage)
