@@ -548,6 +548,12 @@ def test_pit_run_fingerprints_follow_what_each_stage_reads(tmp_path):
         "holdout": (lambda r: r["pipeline"].update(holdout_size=8), {"rows", "refs-2"}),
         "torch threads": (lambda r: r.setdefault("run", {}).update(torch_threads=2), set()),
     }
+    # The same recipe elsewhere is the same recipe.
+    moved = tmp_path / "moved" / "pit.yaml"
+    moved.parent.mkdir()
+    assert fingerprints(lambda r: None) == base  # rewrites r.yaml unedited
+    moved.write_text((tmp_path / "r.yaml").read_text())
+    assert {s.name: s.fingerprint for s in plan(moved, python="PY")} == base
     for what, (edit, stages) in changed.items():
         now = fingerprints(edit)
         assert {name for name in base if now[name] != base[name]} == stages, what

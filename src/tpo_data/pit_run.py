@@ -79,8 +79,10 @@ class Stage:
 
     @property
     def fingerprint(self) -> str:
-        """What decides the stage's output: its command and the recipe parts it reads."""
-        what = json.dumps([self.command[1:], self.settings], sort_keys=True, default=str)  # not the interpreter
+        """What decides the stage's output: its command and the recipe parts it reads (not the
+        interpreter, nor where the recipe file lies: its content is in ``settings``)."""
+        args = [a for i, a in enumerate(self.command[1:]) if i == 0 or self.command[i] != "--config"]
+        what = json.dumps([args, self.settings], sort_keys=True, default=str)
         return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
