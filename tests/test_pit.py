@@ -392,7 +392,7 @@ def _ledger_keys(path):
     return keys
 
 
-def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys):
+def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys, monkeypatch):
     """pit-eval with real tiny models and a pair-wise judge; its call ledger makes a rerun free
     and a killed run resume: saved answers and verdicts are reused, never asked again."""
     from tpo_data.cli import main as cli_main
@@ -415,9 +415,14 @@ def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys):
     keys = _ledger_keys(ledger)
     assert len(set(keys)) == len(keys)
 
-    # A finished run again: the same report from the ledger, nothing asked.
+    # A finished run again: the same report from the ledger, nothing asked, no model even loaded.
+    import tpo_data.engines
+
+    built = []
+    build_llm = tpo_data.engines.build_llm
+    monkeypatch.setattr(tpo_data.engines, "build_llm", lambda *a, **k: built.append(a) or build_llm(*a, **k))
     assert cli_main(argv) == 0
-    assert json.loads(out.read_text()) == report and _ledger_keys(ledger) == keys
+    assert json.loads(out.read_text()) == report and _ledger_keys(ledger) == keys and built == []
 
     # Killed mid-run: half the calls saved, then a torn line. The rerun keeps the saved half.
     lines = ledger.read_text().splitlines(keepends=True)
@@ -425,6 +430,7 @@ def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys):
     ledger.write_text("".join(kept) + lines[len(kept)][:40])
     out.unlink()
     assert cli_main(argv) == 0
+    assert len(built) == 2  # the PIT model (policy, Self-Refine) and the judge: loaded for what was missing
     resumed = _ledger_keys(ledger)
     assert resumed[: len(kept)] == keys[: len(kept)] and len(set(resumed)) == len(resumed)
     assert json.loads(out.read_text())["items"] == 2

@@ -119,6 +119,18 @@ class ChatModel:
         return [((out.get("generations") or [None])[0] or "").strip() for out in outputs]
 
 
+class _Deferred:
+    """Stands for the object ``load()`` returns, calling it on first attribute access."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load, self._loaded = load, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return getattr(self._loaded, name)
+
+
 class LocalModels:
     """Loads the models of ``improve``/``pit-eval``: in process (``engine="transformers"``), or
     each distinct model on a vLLM server of its own (``"vllm"``, ports from ``vllm_port`` up),
@@ -142,12 +154,17 @@ class LocalModels:
         self.stack.close()
 
     def llm(self, model: str, what: str, *, max_new_tokens: int, temperature: float, top_p: float = 0.95) -> Any:
-        """A loaded distilabel LLM for ``model`` with these sampling settings."""
-        from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
-        from tpo_data.pipeline import start_endpoint
+        """A distilabel LLM for ``model`` with these sampling settings, loaded (and its vLLM server
+        started) when first used: a rerun whose calls are all in the ledger starts nothing."""
         from tpo_data.pit_training import model_path
 
-        path = model_path(model, what)
+        path = model_path(model, what)  # a wrong path fails now, not at first use
+        return _Deferred(lambda: self._load(path, max_new_tokens, temperature, top_p))
+
+    def _load(self, path: str, max_new_tokens: int, temperature: float, top_p: float) -> Any:
+        from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
+        from tpo_data.pipeline import start_endpoint
+
         engine = EngineArguments(model=path, engine=self.engine, vllm_port=self.vllm_port + len(self.servers))
         sampling = SamplingArguments(num_samples=1, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens, seed=self.seed)
