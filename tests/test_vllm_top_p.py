@@ -45,8 +45,10 @@ def boundary_is_clear(logits: torch.Tensor, p: torch.Tensor, tol: float = 1e-6) 
     return ((before < p - tol).sum(dim=-1) == (before < p + tol).sum(dim=-1))
 
 
+# p up to 0.99: nearer 1 the cut falls among the tiniest tail tokens (about 1e-6 each), where
+# float rounding decides and most rows are not "clear" (seed 0, spread 9, p 0.999: 4 of 16).
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), spread=st.floats(4.0, 30.0), p=st.floats(0.05, 0.999))
+@given(seed=st.integers(0, 2**31 - 1), spread=st.floats(4.0, 30.0), p=st.floats(0.05, 0.99))
 def test_keeps_exactly_the_tokens_a_full_sort_keeps(seed, spread, p):
     logits = peaked_logits(seed, 16, 2000, spread)
     pt = torch.full((16,), p)
