@@ -96,8 +96,9 @@ def test_bt_recovers_strengths_from_sampled_wins(true, seed):
     wins = rng.binomial(2000, sigmoid(true[:, None] - true[None, :])).astype(float)
     np.fill_diagonal(wins, 0.0)
     s = bradley_terry(wins)
-    # 2000 games per ordered pair: standard error ~0.02-0.05 per strength.
-    assert np.max(np.abs(s - (true - true.mean()))) < 0.25
+    # 2000 games per ordered pair: standard error ~0.02-0.08 per strength (the largest for
+    # strengths at +-2 with k=3); 0.4 is 5 of them (0.25 failed 53 of 20,000 seeds at [2, -2, -2]).
+    assert np.max(np.abs(s - (true - true.mean()))) < 0.4
     if np.ptp(true) > 0.5:
         assert np.corrcoef(s, true)[0, 1] > 0.98
 
@@ -107,6 +108,16 @@ def square_counts(max_k: int, max_count: int):
     return st.integers(2, max_k).flatmap(
         lambda k: st.tuples(st.just(k), st.lists(st.integers(0, max_count), min_size=k * k, max_size=k * k))
     )
+
+
+def test_bt_converges_where_steps_shrink_below_float_noise():
+    """A draw of the test below whose fit stopped ~1.6e-6 short: near the optimum the line search
+    refused Newton steps whose gain was smaller than the objective's rounding."""
+    wins = np.array([[0] * 8, [0, 0, 4, 5, 0, 4, 4, 2], [6, 0, 0, 0, 0, 6, 1, 1], [1, 6, 4, 0, 3, 4, 2, 3],
+                     [3, 5, 4, 4, 0, 1, 5, 0], [5, 5, 2, 5, 6, 0, 1, 3], [0] * 8, [5, 5, 6, 6, 1, 0, 0, 0]],
+                    dtype=float)
+    perm = [7, 0, 5, 2, 3, 1, 6, 4]
+    np.testing.assert_allclose(bradley_terry(wins[np.ix_(perm, perm)]), bradley_terry(wins)[perm], atol=1e-9)
 
 
 @given(square_counts(8, 6), st.randoms())

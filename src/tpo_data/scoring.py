@@ -108,12 +108,13 @@ def bradley_terry(wins: np.ndarray, l2: float = 1e-3, max_iter: int = 100, tol: 
         curv = games * p * p.T  # p.T = 1 - p
         hess = curv - np.diag(curv.sum(axis=1) + l2)
         step = np.linalg.solve(hess, -grad)
-        # Backtracking: a pure Newton step can overshoot on logistic losses.
+        # Backtracking: a pure Newton step can overshoot on logistic losses. Near the optimum a
+        # step's gain is below the objective's float noise; refusing it would stop short (~1e-6).
         t = 1.0
         while True:
             trial = s + t * step
             trial_value = objective(trial)
-            if trial_value >= value or t < 1e-8:
+            if trial_value >= value - 1e-12 * max(1.0, abs(value)) or t < 1e-8:
                 break
             t *= 0.5
         s, value = trial, trial_value
