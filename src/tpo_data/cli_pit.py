@@ -143,7 +143,7 @@ def _cmd_improve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tpo_data.pit_eval import CallLedger, PairwiseLLMJudge, evaluate, format_report
+    from tpo_data.pit_eval import CallLedger, evaluate, format_report
     from tpo_data.pit_training import TEST, GapRewardModel, load_rows, model_path
     from tpo_data.reward_models import RewardModelScorer
 
@@ -161,9 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ledger = CallLedger(Path(args.output).with_suffix(".calls.jsonl") if args.output else None)
     with _models(args, log_dir, ledger) as models:
         if args.judge == "pairwise":
-            settings = {"max_new_tokens": args.judge_max_new_tokens, "temperature": 0.0, "top_p": 1.0}
-            judge = PairwiseLLMJudge(models.llm(args.judge_model, "--judge-model", **settings), args.judge_model,
-                                     ledger=ledger, who=models.who(args.judge_model, "--judge-model", **settings))
+            judge = models.judge(args.judge_model, "--judge-model", max_new_tokens=args.judge_max_new_tokens)
         pit = _chat(args, models, args.pit_model, "--pit-model")
         policy = _chat(args, models, args.policy, "--policy") if args.policy else pit
         refine_name = args.self_refine_model

@@ -153,13 +153,31 @@ class LocalModels:
     def __exit__(self, *exc: Any) -> None:
         self.stack.close()
 
-    def llm(self, model: str, what: str, *, max_new_tokens: int, temperature: float, top_p: float = 0.95) -> Any:
-        """A distilabel LLM for ``model`` with these sampling settings, loaded (and its vLLM server
-        started) when first used: a rerun whose calls are all in the ledger starts nothing."""
+    def chat(self, model: str, what: str, *, max_new_tokens: int = 256, temperature: float = 0.5,
+             top_p: float = 0.95) -> ChatModel:
+        path = self._path(model, what)
+        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        return ChatModel(self._llm(path, settings), model, self.ledger, self._who(path, what, settings))
+
+    def judge(self, model: str, what: str, *, max_new_tokens: int) -> PairwiseLLMJudge:
+        """A greedy pair-wise LLM judge on ``model`` (see :class:`PairwiseLLMJudge`)."""
+        path = self._path(model, what)
+        settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0}
+        return PairwiseLLMJudge(self._llm(path, settings), model, ledger=self.ledger,
+                                who=self._who(path, what, settings))
+
+    @staticmethod
+    def _path(model: str, what: str) -> str:
+        # Once per model use, and now: a wrong path fails before any work, and resolving
+        # "embedded" hashes its weight files.
         from tpo_data.pit_training import model_path
 
-        path = model_path(model, what)  # a wrong path fails now, not at first use
-        return _Deferred(lambda: self._load(path, max_new_tokens, temperature, top_p))
+        return model_path(model, what)
+
+    def _llm(self, path: str, settings: dict[str, Any]) -> Any:
+        """A distilabel LLM for ``path`` with these sampling settings, loaded (and its vLLM server
+        started) when first used: a rerun whose calls are all in the ledger starts nothing."""
+        return _Deferred(lambda: self._load(path, **settings))
 
     def _load(self, path: str, max_new_tokens: int, temperature: float, top_p: float) -> Any:
         from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
@@ -177,17 +195,11 @@ class LocalModels:
         llm.load()
         return llm
 
-    def who(self, model: str, what: str, **sampling: Any) -> str:
-        """The ledger's name for ``model`` asked with these settings (retrained weights: another)."""
+    def _who(self, path: str, what: str, settings: dict[str, Any]) -> str:
+        """The ledger's name for the model at ``path`` asked with these settings (retrained weights: another)."""
         from tpo_data.models import model_fingerprint
-        from tpo_data.pit_training import model_path
 
-        return f"{what} {model_fingerprint(model_path(model, what), {**sampling, 'seed': self.seed})}"
-
-    def chat(self, model: str, what: str, *, max_new_tokens: int = 256, temperature: float = 0.5,
-             top_p: float = 0.95) -> ChatModel:
-        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        return ChatModel(self.llm(model, what, **settings), model, self.ledger, self.who(model, what, **settings))
+        return f"{what} {model_fingerprint(path, {**settings, 'seed': self.seed})}"
 
 
 @dataclass

@@ -415,11 +415,12 @@ def gap_reward_function(reward_model: GapRewardModel):
     return gap_reward
 
 
-def check_round_two(data: PITDataArguments, stage: RLStageArguments, path: str, output_dir: str) -> None:
+def check_round_two(data: PITDataArguments, stage: RLStageArguments, path: str, kl_path: str | None,
+                    output_dir: str) -> None:
     """Round 2 continues round 1 (METHOD.md 2.4: round 2 alone +1.7%, both rounds +13.0%)."""
     from tpo_data.store import LocalStore
 
-    if stage.kl_reference and Path(path).resolve() == Path(model_path(stage.kl_reference, "--kl_reference")).resolve():
+    if kl_path and Path(path).resolve() == Path(kl_path).resolve():
         raise TPODataError(
             f"RL round 2 would start from {path}, its KL reference (the SFT model): that skips round 1",
             "pass --model ROUND1_OUTPUT_DIR (the rl section's output_dir), as recipes/pit-smollm2.yaml's rl2 does",
@@ -442,8 +443,9 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     from trl import RLOOTrainer
 
     path = model_path(stage.model, "--model")
+    kl_path = model_path(stage.kl_reference, "--kl_reference") if stage.kl_reference else None
     if stage.round == 2:
-        check_round_two(data, stage, path, config.output_dir)
+        check_round_two(data, stage, path, kl_path, config.output_dir)
     reward_model = GapRewardModel(stage.reward_model, batch_size=stage.reward_batch_size,
                                   max_length=stage.reward_max_length)
     version = data.version if stage.round == 1 else stage.refs_version
@@ -452,8 +454,8 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     if stage.kl_reference or stage.train_layers:
         policy = freeze_lower_layers(_load(AutoModelForCausalLM, path, config), stage.train_layers,
                                      config.gradient_checkpointing)
-    if stage.kl_reference:
-        policy.config._name_or_path = model_path(stage.kl_reference, "--kl_reference")
+    if kl_path:
+        policy.config._name_or_path = kl_path
     elif stage.round == 2 and config.beta:
         log.warning("RL round 2 without --kl_reference: the KL term anchors to %s (the round-1 "
                     "policy), not to the SFT model as in the paper; pass --kl_reference SFT_MODEL.", path)
