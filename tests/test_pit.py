@@ -601,6 +601,10 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TPODataError, match="prefs stage writes"):
         plan(tmp_path / "r.yaml")
+    (tmp_path / "broken.yaml").write_text("rl: [1\n")
+    with pytest.raises(TPODataError, match="broken.yaml is not valid YAML") as err:
+        plan(tmp_path / "broken.yaml")
+    assert "Fix the YAML" in err.value.fix
 
 
 def test_train_layers_freezes_all_but_the_top(tiny_lm):

@@ -121,15 +121,16 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     if prefs:
         prefs = dict(prefs)
         tpo_config = prefs.pop("config", "recipes/tpo-smollm2.yaml")
+        tpo_recipe = read_recipe(tpo_config)
         out = Path(_require(prefs, "output_dir", "prefs", recipe))
-        version = f"iter-{prefs.get('iteration', read_recipe(tpo_config).get('iteration', 1))}"
+        version = f"iter-{prefs.get('iteration', tpo_recipe.get('iteration', 1))}"
         written = Path(prefs.get("store", out / "store")) / version
         if written.resolve() != preferences.resolve():
             raise TPODataError(
                 f"{recipe}: the prefs stage writes {written}, but pipeline.preferences is {preferences}.",
                 f"Set pipeline.preferences: {written}, or remove the prefs section.")
         stages.append(Stage("prefs", [py, "pipelines/tpo.py", "--config", tpo_config, *_flags(prefs)],
-                            preferences / MANIFEST, store_version=True, settings={"config": read_recipe(tpo_config)}))
+                            preferences / MANIFEST, store_version=True, settings={"config": tpo_recipe}))
     elif not (preferences / MANIFEST).is_file() and not preferences.is_file():
         hint = ("bash scripts/main.sh" if "tpo-smollm2" in str(preferences)
                 else "the pipeline that writes it")

@@ -125,6 +125,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
                            "Pass an existing YAML file to --config (see recipes/, e.g. "
                            "recipes/pit-smollm2.yaml).") from None
+    except yaml.YAMLError as err:  # as cli.parse_recipe says it for the TRL-style commands
+        raise TPODataError(f"The recipe {path} is not valid YAML: {err}",
+                           "Fix the YAML: sections of option names and values, as in recipes/pit-smollm2.yaml.") from None
     if not isinstance(data, dict):
         raise TPODataError(f"{path} is not a YAML mapping.", "Write the recipe as key: value lines.")
     return data
