@@ -8,6 +8,7 @@ refusals run in-process: they fail before any model is loaded.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import math
@@ -117,6 +118,24 @@ def test_two_processes_share_the_data_and_save_once(store: LocalStore, tiny_lm: 
     assert lineage["best_checkpoint"] == best.name and (out / best.name / "model.safetensors").is_file()
     assert math.isfinite(lineage["metrics"]["eval_loss"]) and "world_size | 2" in card
     assert_weights_changed(tiny_lm, out)
+
+
+def test_process_group_ends_after_the_trainer_is_gone(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process group is destroyed only once no trainer (and so no DDP reducer) is left: a
+    reducer freed after its gloo group hung a torchrun run at exit (Trainer.end() order)."""
+    from accelerate import PartialState
+    from transformers import Trainer
+
+    def trainers() -> int:
+        return sum(isinstance(o, Trainer) for o in gc.get_objects())
+
+    alive_at_destroy, before = [], trainers()
+    monkeypatch.setattr(PartialState, "destroy_process_group",
+                        lambda self, group=None: alive_at_destroy.append(trainers()))
+    out = main(train_args(store, tmp_path / "model"))
+    assert alive_at_destroy == [before] and (out / "lineage.json").is_file()
 
 
 def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 from tpo_data.errors import TPODataError
 from tpo_data.pit import gap_inputs, gap_ranking_loss, gap_text, improvement_messages
+from tpo_data.training import end_process_group
 
 log = logging.getLogger("tpo_data")
 
@@ -496,5 +497,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         data, args, config = parse_stage("rl", (PITDataArguments, RLStageArguments, RLOOConfig), rest,
                                          training=True)
         out = run_rl(data, args, config)
+    end_process_group()
     print(f"Saved the {stage} model to {out}")
     return out

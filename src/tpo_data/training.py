@@ -33,6 +33,7 @@ evaluation and the next DPO run load M_t as a full model.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -622,9 +623,26 @@ def _final_metrics(
 
 def train(script_args: TrainArguments, training_args: DPOConfig, model_args: ModelConfig) -> Path:
     """Train and save the model, card and lineage to ``training_args.output_dir``; return it."""
-    import transformers
+    out = _train(script_args, training_args, model_args)
+    end_process_group()
+    return out
+
+
+def end_process_group() -> None:
+    """Destroy the distributed process group, once the trainer is gone.
+
+    Not ``Trainer.end()``: it destroys the group while the trainer still holds the DDP-wrapped
+    model, and a DDP reducer freed after its gloo group hangs or aborts its process at exit
+    (torch 2.13 on CPU: about one torchrun test in 40 hung after training). So collect first.
+    """
     from accelerate import PartialState
-    from packaging.version import Version
+
+    gc.collect()
+    PartialState().destroy_process_group()
+
+
+def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: ModelConfig) -> Path:
+    from accelerate import PartialState
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
     state = PartialState()
@@ -713,8 +731,6 @@ def train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mod
         write_text_atomic(out / LINEAGE, scrub(json.dumps(lineage, indent=2, default=str)) + "\n")
         (out / CARD).write_text(scrub(build_card(lineage, source.label)), encoding="utf-8")
         trainer.accelerator.print(f"model saved to {out} (card: {out / CARD})")
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()  # closes the trackers and the process group
     return out
 
 
