@@ -211,6 +211,15 @@ def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     before = (out / "judgments.jsonl").read_bytes()
     assert eval_main(args)["comparisons"] == report["comparisons"]
     assert (out / "judgments.jsonl").read_bytes() == before
+    # Killed while writing the last judgment: the rerun keeps every whole line, judges the torn
+    # call again and appends it on a line of its own.
+    kept, last = before.rstrip(b"\n").rsplit(b"\n", 1)
+    (out / "judgments.jsonl").write_bytes(kept + b"\n" + last[: len(last) // 2])
+    assert eval_main(args)["judge"]["calls"] == 18
+    after = (out / "judgments.jsonl").read_bytes()
+    assert after.startswith(kept + b"\n" + last[: len(last) // 2] + b"\n")
+    lines = after.decode().splitlines()
+    assert len(lines) == len(judged) + 1 and json.loads(lines[-1])["key"] == json.loads(last)["key"]
 
 
 def test_direct_baseline_loop(tiny_lm, tmp_path):

@@ -36,6 +36,7 @@ from typing import Any
 
 from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
 from tpo_data.errors import TPODataError
+from tpo_data.files import read_jsonl_log
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
 from tpo_data.eval_report import position_note, write_report
 from tpo_data.instructions import (
@@ -216,12 +217,7 @@ class JudgmentCache:
 
     def __init__(self, path: Path, judge_label: str):
         self.path, self.label = path, judge_label
-        self.entries: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry
+        self.entries: dict[str, dict] = {entry["key"]: entry for entry in read_jsonl_log(path)}
 
     def key(self, call: tuple[str, str, str]) -> str:
         return hashlib.sha256(json.dumps([self.label, *call]).encode()).hexdigest()

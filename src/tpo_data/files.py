@@ -1,10 +1,13 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Crash-safe files: atomic writes (the old file or the new one, never half of one), and
+append-only JSON-lines logs that survive a process killed mid-write."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -23,3 +26,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_jsonl_log(path: Path) -> list[Any]:
+    """The entries of an append-only JSON-lines log, skipping the torn last line of a run
+    killed mid-write; the file is left ending in a newline, so the next append starts a line."""
+    if not path.is_file():
+        return []
+    # Logs are written ASCII (json.dumps escapes): a torn write cannot split a character.
+    text = path.read_text("ascii", errors="replace")
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if text and not text.endswith("\n"):
+        with path.open("a", encoding="ascii") as fh:
+            fh.write("\n")
+    return entries

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import read_jsonl_log
 from tpo_data.pit import improvement_messages, should_stop
 
 SELF_REFINE_PROMPT = (
@@ -65,20 +66,8 @@ class CallLedger:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.done: dict[str, Any] = {}
+        self.done: dict[str, Any] = {e["key"]: e["value"] for e in read_jsonl_log(path)} if path else {}
         self.asked: Counter[str] = Counter()
-        if path is None or not path.is_file():
-            return
-        text = path.read_text("ascii", errors="replace")
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn last line of a run killed mid-write
-            self.done[entry["key"]] = entry["value"]
-        if text and not text.endswith("\n"):
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write("\n")  # appends start on a line of their own
 
     def run(self, who: str, inputs: Sequence[Any], compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """``compute`` on the inputs without a saved output; every output, in input order."""
