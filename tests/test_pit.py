@@ -543,8 +543,12 @@ def test_pit_run_fingerprints_follow_what_each_stage_reads(tmp_path):
     def fingerprints(edit):
         recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
         edit(recipe)
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         return {s.name: s.fingerprint for s in plan(tmp_path / "r.yaml", python="PY")}
+
+    def reorder(recipe):
+        for name in ("prefs", "rl2", "eval"):
+            recipe[name] = dict(reversed(recipe[name].items()))
 
     base = fingerprints(lambda r: None)
     changed = {
@@ -553,6 +557,7 @@ def test_pit_run_fingerprints_follow_what_each_stage_reads(tmp_path):
         "eval rounds": (lambda r: r["eval"].update(rounds=3), {"eval"}),
         "holdout": (lambda r: r["pipeline"].update(holdout_size=8), {"rows", "refs-2"}),
         "torch threads": (lambda r: r.setdefault("run", {}).update(torch_threads=2), set()),
+        "key order": (reorder, set()),
     }
     # The same recipe elsewhere is the same recipe.
     moved = tmp_path / "moved" / "pit.yaml"
@@ -586,8 +591,8 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     by = {s.name: s for s in stages}
     assert by["prefs"].command[:4] == ["PY", "pipelines/tpo.py", "--config", "recipes/tpo-smollm2.yaml"]
     assert str(by["prefs"].marker) == "outputs/pit-smollm2/prefs/store/iter-1/manifest.json"
-    assert by["rl-2"].command[-8:] == ["--round", "2", "--model", "outputs/pit-smollm2/rl-1", "--kl_reference",
-                                       "outputs/pit-smollm2/sft", "--output_dir", "outputs/pit-smollm2/rl-2"]
+    assert by["rl-2"].command[-8:] == ["--kl_reference", "outputs/pit-smollm2/sft", "--model", "outputs/pit-smollm2/rl-1",
+                                       "--output_dir", "outputs/pit-smollm2/rl-2", "--round", "2"]
     assert by["rl-2"].needs == ["rl-1", "refs-2", "sft", "reward"] and by["sft"].stamp
     assert "--judge" in by["eval"].command and str(by["eval"].marker) == "outputs/pit-smollm2/eval.json"
     recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))

@@ -87,9 +87,10 @@ class Stage:
 
 
 def _flags(section: dict[str, Any]) -> list[str]:
-    """``{"a_b": 1}`` -> ``["--a_b", "1"]`` (keys kept as written: TRL uses _, argparse -)."""
+    """``{"a_b": 1}`` -> ``["--a_b", "1"]`` (keys kept as written: TRL uses _, argparse -),
+    sorted, so that reordering a recipe section changes no stage's fingerprint."""
     out: list[str] = []
-    for key, value in section.items():
+    for key, value in sorted(section.items()):
         if isinstance(value, bool):
             value = str(value).lower()
         out += [f"--{key}", str(value)]
