@@ -191,14 +191,22 @@ def test_nan_scores_count_as_ties():
 
 
 class _LengthJudge:
+    calls = 0
+
     def score(self, instructions, responses):
+        self.calls += 1
         return [float(len(r)) for r in responses]
 
 
 def test_evaluate_with_fake_models():
     shrink = lambda convs: ["s" for _ in convs]  # noqa: E731 - a Self-Refine that makes answers worse
-    report = evaluate(["x", "y"], ["a", "bb"], _appender, _ScriptedGap([1.0] * 4), _LengthJudge(),
+    judge = _LengthJudge()
+    report = evaluate(["x", "y"], ["a", "bb"], _appender, _ScriptedGap([1.0] * 4), judge,
                       self_refine=shrink, rounds=2)
+    # Per method: round 1 vs y0 once (previous == initial), round 2 vs previous and vs y0; then
+    # PIT vs Self-Refine per round, and the stop rule's pick vs y0.
+    assert judge.calls == 2 * 3 + 2 + 1
+    assert [r["beat_initial"] for r in report["pit"]] == [1.0, 1.0]
     assert [r["beat_previous"] for r in report["pit"]] == [1.0, 1.0]
     assert [r["calls_per_item"] for r in report["pit"]] == [2, 3]
     assert report["self_refine"][0]["beat_initial"] == 0.25  # "s" ties "a", loses to "bb"

@@ -321,14 +321,18 @@ def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_
     for name, (generate, prompt) in methods.items():
         history = _rounds(generate, prompt, instructions, initial, rounds)
         histories[name] = history
-        report[name] = [{
-            "round": k,
-            "calls_per_item": k + 1,  # y_0 plus one rewrite per round
-            "beat_previous": _win_share(judge, instructions, history[k], history[k - 1]),
-            "beat_initial": _win_share(judge, instructions, history[k], history[0]),
-            "mean_chars": _mean_chars(history[k]),
-            "unchanged": sum(a == b for a, b in zip(history[k], history[k - 1])) / len(history[k]),
-        } for k in range(1, rounds + 1)]
+        report[name] = []
+        for k in range(1, rounds + 1):
+            previous = _win_share(judge, instructions, history[k], history[k - 1])
+            report[name].append({
+                "round": k,
+                "calls_per_item": k + 1,  # y_0 plus one rewrite per round
+                "beat_previous": previous,
+                # In round 1 the previous answer is y_0: the same comparison, not judged twice.
+                "beat_initial": previous if k == 1 else _win_share(judge, instructions, history[k], history[0]),
+                "mean_chars": _mean_chars(history[k]),
+                "unchanged": sum(a == b for a, b in zip(history[k], history[k - 1])) / len(history[k]),
+            })
     report["initial_mean_chars"] = _mean_chars(initial)
     if self_refine is not None:
         report["pit_vs_self_refine"] = [
