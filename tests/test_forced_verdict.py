@@ -233,6 +233,19 @@ def test_openai_engine_sends_vllm_continuation(fake_openai):
                                            "content": "They are both fine." + FORCE_PREFIX}
 
 
+def test_pit_eval_judge_forces_verdicts_through_a_model_loaded_on_first_use(fake_openai):
+    """pit-eval loads its judge lazily (a proxy); the verdict forcing must still see the
+    OpenAI engine behind it (through the proxy it saw no OpenAILLM and forced nothing)."""
+    from tpo_data.pit_eval import PairwiseLLMJudge, _Deferred
+
+    url = f"http://127.0.0.1:{fake_openai.server_port}/v1"
+    judge = PairwiseLLMJudge(_Deferred(lambda: _openai_llm(url)), "judge")
+    # Both orders name A: each pair is a tie; every one of the 4 calls is forced.
+    assert judge.compare(["Q1?", "Q2?"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
+    assert judge.calls == 4 and judge.forced == 4 and judge.undecided == 0
+    assert sum("continue_final_message" in r for r in fake_openai.requests) == 4
+
+
 def test_endpoint_rejecting_continuation_keeps_verdicts_unparsable(fake_openai, caplog):
     fake_openai.accept_continuation = False
     llm = _openai_llm(f"http://127.0.0.1:{fake_openai.server_port}/v1")

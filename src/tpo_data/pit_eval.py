@@ -109,15 +109,26 @@ class ChatModel:
 
 
 class _Deferred:
-    """Stands for the object ``load()`` returns, calling it on first attribute access."""
+    """Stands for the object ``load()`` returns, calling it on first attribute access.
+
+    Not for code that checks the type (``judges`` takes an ``OpenAILLM`` apart from other
+    engines): hand that :func:`_loaded` of it.
+    """
 
     def __init__(self, load: Callable[[], Any]):
         self._load, self._loaded = load, None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Any:
         if self._loaded is None:
             self._loaded = self._load()
-        return getattr(self._loaded, name)
+        return self._loaded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+def _loaded(llm: Any) -> Any:
+    return llm.get() if isinstance(llm, _Deferred) else llm
 
 
 class LocalModels:
@@ -264,7 +275,7 @@ class PairwiseLLMJudge:
         todo = [i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b]
         calls = [(instructions[i], new[i], old[i]) for i in todo] + [(instructions[i], old[i], new[i]) for i in todo]
         verdicts = self.ledger.run(self.who, calls, lambda todo_calls: [
-            {"r": v.r, "forced": v.forced} for v in judge_calls(self.llm, todo_calls, self.force_verdict)])
+            {"r": v.r, "forced": v.forced} for v in judge_calls(_loaded(self.llm), todo_calls, self.force_verdict)])
         self.calls += len(verdicts)
         self.forced += sum(v["forced"] for v in verdicts)
         self.undecided += sum(v["r"] == 0 for v in verdicts)
