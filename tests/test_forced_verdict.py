@@ -244,6 +244,9 @@ def test_pit_eval_judge_forces_verdicts_through_a_model_loaded_on_first_use(fake
     assert judge.compare(["Q1?", "Q2?"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
     assert judge.calls == 4 and judge.forced == 4 and judge.undecided == 0
     assert sum("continue_final_message" in r for r in fake_openai.requests) == 4
+    # The proxy passes for nothing: code handed it instead of the model fails loudly.
+    with pytest.raises(AttributeError):
+        _Deferred(lambda: _openai_llm(url)).generate_outputs
 
 
 def test_endpoint_rejecting_continuation_keeps_verdicts_unparsable(fake_openai, caplog):

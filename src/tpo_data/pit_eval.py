@@ -103,16 +103,15 @@ class ChatModel:
         return self.ledger.run(self.who, list(conversations), self._generate)
 
     def _generate(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        outputs = self.llm.generate_outputs(inputs=conversations, num_generations=1,
-                                            **self.llm.get_generation_kwargs())
+        llm = _loaded(self.llm)
+        outputs = llm.generate_outputs(inputs=conversations, num_generations=1, **llm.get_generation_kwargs())
         return [((out.get("generations") or [None])[0] or "").strip() for out in outputs]
 
 
 class _Deferred:
-    """Stands for the object ``load()`` returns, calling it on first attribute access.
-
-    Not for code that checks the type (``judges`` takes an ``OpenAILLM`` apart from other
-    engines): hand that :func:`_loaded` of it.
+    """A model that ``load()`` loads on first :meth:`get`. It forwards nothing: library code
+    checks types (``judges`` takes an ``OpenAILLM`` apart from other engines), so a proxy that
+    passed for the model there would change behaviour silently; a missed :func:`_loaded` fails loudly.
     """
 
     def __init__(self, load: Callable[[], Any]):
@@ -122,9 +121,6 @@ class _Deferred:
         if self._loaded is None:
             self._loaded = self._load()
         return self._loaded
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.get(), name)
 
 
 def _loaded(llm: Any) -> Any:
