@@ -286,8 +286,20 @@ def test_recipe_sections_and_unknown_keys(tmp_path):
     assert (config.max_steps, config.max_length, config.per_device_train_batch_size) == (3, 256, 2)
     bad = tmp_path / "bad.yaml"
     bad.write_text("sft:\n  no_such_key: 1\n")
+    types = (PITDataArguments, SFTStageArguments, SFTConfig)
     with pytest.raises(TPODataError, match="no_such_key"):
-        parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig), ["--config", str(bad)], training=True)
+        parse_stage("sft", types, ["--config", str(bad)], training=True)
+    # The command-line mistakes get the same messages as the TPO commands', never a traceback.
+    *_, config = parse_stage("sft", types, [f"--config={RECIPE}", "--output_dir", str(tmp_path)], training=True)
+    assert config.max_length == 256
+    for argv, message in [(["--config", RECIPE, "--config", RECIPE], "more than once"),
+                          (["--config"], "without a file"),
+                          (["--config", str(tmp_path / "nope.yaml")], r"recipe '.*nope.yaml' \(--config\) is not a file"),
+                          (["--output_dir", str(tmp_path), "--max_step", "3"], "Unknown option.*--max_step 3"),
+                          (["--output_dir", str(tmp_path), "--load_best_model_at_end", "true", "--eval_strategy",
+                            "epoch", "--save_strategy", "steps"], "Invalid option values: .*load_best_model_at_end")]:
+        with pytest.raises(TPODataError, match=message):
+            parse_stage("sft", types, argv, training=True)
 
 
 def _weights(folder):

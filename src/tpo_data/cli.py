@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,51 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
         "the command line override it."))
 
 
+def read_recipe(path: str | Path, given_as: str = "--config") -> dict[str, Any]:
+    """A YAML recipe as a mapping, or an error that says what is wrong with it."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise TPODataError(f"The recipe {str(path)!r} ({given_as}) is not a file.",
+                           "Pass a YAML recipe file (the ones in recipes/ are examples).")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TPODataError(f"The recipe {path} is not valid YAML: {err}",
+                           "Fix the YAML: a mapping of option names to values, as in recipes/.") from None
+    if not isinstance(data, dict):
+        raise TPODataError(f"The recipe {path} is not a mapping of option names to values.",
+                           "Write it as `option: value` lines, as in recipes/.")
+    return data
+
+
+def split_recipe(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The ``--config`` path (also given as ``--config=PATH``) and the other arguments."""
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    if args.count("--config") > 1:
+        raise TPODataError("--config is given more than once.", "Pass one recipe; override its values with flags.")
+    if "--config" not in args:
+        return None, args
+    at = args.index("--config")
+    if at + 1 == len(args):
+        raise TPODataError("--config is given without a file.", "Pass --config RECIPE.yaml (see recipes/).")
+    return args[at + 1], args[:at] + args[at + 2:]
+
+
+def parse_checked(parser: Any, parse: Callable[[], tuple]) -> tuple:
+    """``parse()``, whose last item is the command line's unknown flags, with those flags and
+    the dataclasses' invalid values as :class:`TPODataError`; returns the items before it."""
+    try:
+        *parsed, unknown = parse()
+    except ValueError as err:  # the dataclasses' own checks (e.g. DPOConfig's)
+        raise TPODataError(f"Invalid option values: {err}",
+                           "Change the flags or recipe keys named above.") from None
+    if unknown:
+        raise TPODataError(f"Unknown option(s): {' '.join(unknown)}.",
+                           f"`{parser.prog} --help` lists the options (full names only).")
+    return tuple(parsed)
+
+
 def parse_recipe(parser: Any, argv: list[str] | None, also_reads: tuple[type, ...] = ()) -> tuple:
     """``parser.parse_args_and_config`` with user errors as :class:`TPODataError`.
 
@@ -39,37 +84,12 @@ def parse_recipe(parser: Any, argv: list[str] | None, also_reads: tuple[type, ..
     """
     import dataclasses
 
-    import yaml
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    # TrlParser finds only "--config PATH"; "--config=PATH" would reach argparse as unknown.
-    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
-    recipe = None
-    if args.count("--config") > 1:
-        raise TPODataError("--config is given more than once.", "Pass one recipe; override its values with flags.")
-    if "--config" in args:
-        at = args.index("--config")
-        recipe = args[at + 1] if at + 1 < len(args) else None
-        if recipe is None or not Path(recipe).is_file():
-            raise TPODataError(f"The recipe {recipe!r} (--config) is not a file.",
-                               "Pass a YAML recipe file (the ones in recipes/ are examples).")
-        try:
-            mapping = isinstance(yaml.safe_load(Path(recipe).read_text(encoding="utf-8")), dict)
-        except yaml.YAMLError as err:
-            raise TPODataError(f"The recipe {recipe} is not valid YAML: {err}",
-                               "Fix the YAML: a mapping of option names to values, as in recipes/.") from None
-        if not mapping:
-            raise TPODataError(f"The recipe {recipe} is not a mapping of option names to values.",
-                               "Write it as `option: value` lines, as in recipes/.")
-    try:
-        *parsed, from_recipe, from_cli = parser.parse_args_and_config(
-            args, return_remaining_strings=True, separate_remaining_strings=True)
-    except ValueError as err:  # the dataclasses' own checks (e.g. DPOConfig's)
-        raise TPODataError(f"Invalid option values: {err}",
-                           "Change the flags or recipe keys named above.") from None
-    if from_cli:
-        raise TPODataError(f"Unknown option(s): {' '.join(from_cli)}.",
-                           f"`{parser.prog} --help` lists the options (full names only).")
+    recipe, args = split_recipe(sys.argv[1:] if argv is None else argv)
+    if recipe is not None:
+        read_recipe(recipe)  # its errors, before TrlParser reads it
+        args = ["--config", recipe, *args]  # TrlParser finds only "--config PATH"
+    *parsed, from_recipe = parse_checked(parser, lambda: parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True))
     shared = {f.name for kind in also_reads for f in dataclasses.fields(kind)}
     unknown = [key[2:] for key in from_recipe[::2] if key[2:] not in shared]
     if unknown:

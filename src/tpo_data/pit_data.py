@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from tpo_data.pit_training import parse_stage
 
     args, engine, sampling = parse_stage(
-        "pipeline", (PITPipelineArguments, EngineArguments, SamplingArguments), argv)
+        "pipeline", (PITPipelineArguments, EngineArguments, SamplingArguments), argv, prog="pipelines/pit.py")
     recipe = {**asdict(args), **asdict(engine), **asdict(sampling)}
     written = []
     if args.stage in ("rows", "all"):

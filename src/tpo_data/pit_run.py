@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpo_data.cli import read_recipe
 from tpo_data.errors import TPODataError
-from tpo_data.pit_training import RECIPE_SECTIONS, REFS_VERSION, SFT_VERSION, read_recipe
+from tpo_data.pit_training import RECIPE_SECTIONS, REFS_VERSION, SFT_VERSION
 from tpo_data.store import MANIFEST
 
 log = logging.getLogger("tpo_data")
@@ -122,7 +123,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     if prefs:
         prefs = dict(prefs)
         tpo_config = prefs.pop("config", "recipes/tpo-smollm2.yaml")
-        tpo_recipe = read_recipe(tpo_config)
+        tpo_recipe = read_recipe(tpo_config, f"prefs.config in {recipe}")
         out = Path(_require(prefs, "output_dir", "prefs", recipe))
         version = f"iter-{prefs.get('iteration', tpo_recipe.get('iteration', 1))}"
         written = Path(prefs.get("store", out / "store")) / version

@@ -116,26 +116,10 @@ class RLStageArguments:
                                "Run round 1 first, then round 2 from its checkpoint (METHOD.md 2.4).")
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file as a mapping, or an error that says what is wrong with it."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
-                           "Pass an existing YAML file to --config (see recipes/, e.g. "
-                           "recipes/pit-smollm2.yaml).") from None
-    except yaml.YAMLError as err:  # as cli.parse_recipe says it for the TRL-style commands
-        raise TPODataError(f"The recipe {path} is not valid YAML: {err}",
-                           "Fix the YAML: sections of option names and values, as in recipes/pit-smollm2.yaml.") from None
-    if not isinstance(data, dict):
-        raise TPODataError(f"{path} is not a YAML mapping.", "Write the recipe as key: value lines.")
-    return data
-
-
 def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, Any]:
     """Shared top-level keys this stage knows, overridden by the stage's own section."""
+    from tpo_data.cli import read_recipe
+
     data = read_recipe(path)
     shared = {k: v for k, v in data.items() if k not in RECIPE_SECTIONS and k in known}
     own = data.get(section) or {}
@@ -147,7 +131,7 @@ def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, An
 
 
 def parse_stage(section: str, types: Sequence[type], argv: Sequence[str] | None,
-                training: bool = False) -> tuple:
+                training: bool = False, prog: str | None = None) -> tuple:
     """TRL-style parsing: ``--config recipe.yaml`` sets defaults, the command line overrides them.
 
     With ``training``, a machine without CUDA defaults to CPU, fp32 and no gradient
@@ -158,23 +142,18 @@ def parse_stage(section: str, types: Sequence[type], argv: Sequence[str] | None,
 
     import torch
 
-    from tpo_data.cli import recipe_parser
+    from tpo_data.cli import parse_checked, recipe_parser, split_recipe
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = recipe_parser(list(types))
+    recipe, argv = split_recipe(sys.argv[1:] if argv is None else argv)
+    parser = recipe_parser(list(types), prog)
     if training:
         parser.set_defaults(report_to="none")
         if not torch.cuda.is_available():
             parser.set_defaults(use_cpu=True, bf16=False, gradient_checkpointing=False)
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise TPODataError("--config needs a file.", "Pass --config recipes/pit-smollm2.yaml.")
-        path = argv[at + 1]
-        del argv[at : at + 2]
+    if recipe is not None:
         known = {f.name for t in types for f in fields(t)}
-        parser.set_defaults_with_config(**load_recipe(path, section, known))
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+        parser.set_defaults_with_config(**load_recipe(recipe, section, known))
+    return parse_checked(parser, lambda: parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True))
 
 
 # --- data ------------------------------------------------------------------------------
@@ -487,15 +466,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     if stage == "sft":
         data, args, config = parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig), rest,
-                                         training=True)
+                                         training=True, prog="trainers/pit.py sft")
         out = run_sft(data, args, config)
     elif stage == "reward":
         data, args, config = parse_stage("reward", (PITDataArguments, RewardStageArguments, TrainingArguments),
-                                         rest, training=True)
+                                         rest, training=True, prog="trainers/pit.py reward")
         out = run_reward(data, args, config)
     else:
         data, args, config = parse_stage("rl", (PITDataArguments, RLStageArguments, RLOOConfig), rest,
-                                         training=True)
+                                         training=True, prog="trainers/pit.py rl")
         out = run_rl(data, args, config)
     end_process_group()
     print(f"Saved the {stage} model to {out}")
