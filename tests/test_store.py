@@ -502,6 +502,9 @@ def test_cli_versions_and_show_local(built: LocalStore, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "iter-7" in err and "How to fix" in err and "iter-1, iter-2" in err
 
+    assert cli_main(["versions", "--store", str(built.root / "typo")]) == 2
+    assert "There is no store at" in capsys.readouterr().err
+
 
 def test_cli_help_runs() -> None:
     result = subprocess.run(

@@ -129,6 +129,10 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     else:
         from tpo_data.store import LocalStore
 
+        if not Path(args.store).is_dir():  # a mistyped path, not an empty store
+            raise TPODataError(f"There is no store at {args.store} (no such folder).",
+                               "Check --store: the main job writes outputs/tpo-smollm2/store, "
+                               "scripts/pit.sh outputs/pit-smollm2/store.")
         found = LocalStore(args.store).versions()
         title = f"Versions in {args.store}"
     if args.json:
