@@ -302,6 +302,19 @@ def test_recipe_sections_and_unknown_keys(tmp_path):
             parse_stage("sft", types, argv, training=True)
 
 
+def test_unreadable_recipe_is_named(monkeypatch):
+    from pathlib import Path
+
+    from tpo_data.cli import read_recipe
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)  # as root, chmod 000 would not stop the read
+    with pytest.raises(TPODataError, match=r"Cannot read the recipe .*pit-tiny-test.yaml: Permission denied"):
+        read_recipe(RECIPE)
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 

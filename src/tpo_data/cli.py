@@ -39,6 +39,9 @@ def read_recipe(path: str | Path, given_as: str = "--config") -> dict[str, Any]:
                            "Pass a YAML recipe file (the ones in recipes/ are examples).")
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:  # e.g. no permission
+        raise TPODataError(f"Cannot read the recipe {path}: {err.strerror}.",
+                           "Pass a YAML recipe file you can read (the ones in recipes/ are examples).") from None
     except yaml.YAMLError as err:
         raise TPODataError(f"The recipe {path} is not valid YAML: {err}",
                            "Fix the YAML: a mapping of option names to values, as in recipes/.") from None

@@ -115,12 +115,12 @@ class _Deferred:
     """
 
     def __init__(self, load: Callable[[], Any]):
-        self._load, self._loaded = load, None
+        self._load, self._model = load, None
 
     def get(self) -> Any:
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
+        if self._model is None:
+            self._model = self._load()
+        return self._model
 
 
 def _loaded(llm: Any) -> Any:

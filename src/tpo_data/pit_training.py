@@ -464,18 +464,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from transformers import TrainingArguments
     from trl import RLOOConfig, SFTConfig
 
-    if stage == "sft":
-        data, args, config = parse_stage("sft", (PITDataArguments, SFTStageArguments, SFTConfig), rest,
-                                         training=True, prog="trainers/pit.py sft")
-        out = run_sft(data, args, config)
-    elif stage == "reward":
-        data, args, config = parse_stage("reward", (PITDataArguments, RewardStageArguments, TrainingArguments),
-                                         rest, training=True, prog="trainers/pit.py reward")
-        out = run_reward(data, args, config)
-    else:
-        data, args, config = parse_stage("rl", (PITDataArguments, RLStageArguments, RLOOConfig), rest,
-                                         training=True, prog="trainers/pit.py rl")
-        out = run_rl(data, args, config)
+    types, run = {
+        "sft": ((SFTStageArguments, SFTConfig), run_sft),
+        "reward": ((RewardStageArguments, TrainingArguments), run_reward),
+        "rl": ((RLStageArguments, RLOOConfig), run_rl),
+    }[stage]
+    data, args, config = parse_stage(stage, (PITDataArguments, *types), rest, training=True,
+                                     prog=f"trainers/pit.py {stage}")
+    out = run(data, args, config)
     end_process_group()
     print(f"Saved the {stage} model to {out}")
     return out
