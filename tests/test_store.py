@@ -187,6 +187,9 @@ def test_card_declares_configs_and_carries_lineage(built: LocalStore) -> None:
     ):
         assert text in card
     assert PIPELINE_YAML.strip() in card
+    # The snippet loads this version by its default tag and says a custom --tag replaces it.
+    assert 'load_dataset(REPO_ID, "pairs", revision="iter-2", split="train")' in card
+    assert '("iter-2" unless `--tag` named another)' in card
 
 
 def test_datasets_load_dataset_reads_a_version_folder(built: LocalStore, tmp_path: Path) -> None:

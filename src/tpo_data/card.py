@@ -222,6 +222,8 @@ def build_card(
         "Thought Preference Optimization data produced by tpo-data for one training iteration. "
         "This version is immutable; later iterations are published under their own tags.",
         "```python\nfrom datasets import load_dataset\n"
+        # The card is part of the immutable version, written before any tag exists.
+        f'# revision: the tag this version was published under ("{version}" unless `--tag` named another)\n'
         f'pairs = load_dataset(REPO_ID, "pairs", revision="{version}", split="train")\n'
         f'candidates = load_dataset(REPO_ID, "candidates", revision="{version}", '
         'split="train")\n```',

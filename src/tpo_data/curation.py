@@ -690,6 +690,7 @@ def _curated_card(new_version: str, version: str, manifest: Mapping[str, Any]) -
             f"yes keeps it, no: {no_rule}, tie drops it; unreviewed pairs are kept unchanged. "
             "Other configs are copied unchanged from the parent version.",
             "```python\nfrom datasets import load_dataset\n"
+            f'# revision: the tag this version was published under ("{new_version}" unless `--tag` named another)\n'
             f'pairs = load_dataset(REPO_ID, "pairs", revision="{new_version}", split="train")\n```',
             "## Review",
             table,
