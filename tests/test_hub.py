@@ -858,3 +858,15 @@ def test_no_token_in_anything_written(hub: HubStandin, store: LocalStore) -> Non
     assert {p for p in hub.storage.rglob("*") if p.is_file()} <= scanned
     assert all(token not in text for text in CAPTURED for token in USED_TOKENS)
     assert hub.state()["unhandled"] == []
+
+
+def test_negative_max_retries_is_refused_before_any_request(tmp_path: Path) -> None:
+    from tpo_data.errors import TPODataError
+    from tpo_data.hub import publish_version
+
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1)
+    # No Hub is reachable here: any request would fail with another error.
+    with pytest.raises(TPODataError, match="max_retries must be 0 or more, got -1") as err:
+        publish_version(store, "iter-1", "user/scratch", token="hf_" + "x" * 34, max_retries=-1)
+    assert "pass --max-retries 0 or more" in str(err.value)

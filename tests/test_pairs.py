@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -26,7 +27,7 @@ from tpo_data.pairs import (
     select_pairs,
     summarize,
 )
-from tpo_data.scoring import length_controlled
+from tpo_data.scoring import bradley_terry, length_controlled, win_matrix
 
 NAN = float("nan")
 
@@ -119,6 +120,27 @@ def test_ties_break_to_lowest_index():
     assert (pair.chosen, pair.rejected) == (1, 3)
     pair = select_pair([2.0, 2.0, 1.0], [5] * 3, [True, True, False], rho=0.0)
     assert (pair.chosen, pair.rejected) == (0, 2)
+    # Equal up to float noise is a tie too.
+    pair = select_pair([1.0, 1.0 + 2e-16, 0.0, 0.0 - 1e-16], [5] * 4, [True] * 4, rho=0.0)
+    assert (pair.chosen, pair.rejected) == (0, 2)
+
+
+def test_bradley_terry_ties_break_to_lowest_index():
+    # Samples with the same record get strengths that differ by float noise only;
+    # the lowest index must still win the tie, in every one of these instructions.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        k = int(rng.integers(3, 9))
+        levels = rng.integers(0, 3, k)
+        if levels.min() == levels.max():
+            continue
+        judgments = [(m, n, int(np.sign(levels[m] - levels[n])) or int(rng.choice([1, -1, 0])))
+                     for m, n in itertools.permutations(range(k), 2)]
+        strengths = bradley_terry(win_matrix(k, judgments))
+        pair = select_pair(strengths, [5] * k, [True] * k, rho=0.0)
+        r = np.round(strengths, 9)
+        assert (pair.chosen, pair.rejected) == (int(np.flatnonzero(r == r.max())[0]),
+                                                int(np.flatnonzero(r == r.min())[0]))
 
 
 @pytest.mark.parametrize(
@@ -211,12 +233,13 @@ def test_pair_rules_hold_for_any_instruction(group, rho):
     assert parsed[result.chosen], "a parse failure was chosen"
     assert result.chosen != result.rejected
     s = [result.norm_scores[i] for i in valid]
-    assert result.chosen == valid[s.index(max(s))]  # argmax, lowest index among ties
+    # argmax, lowest index among ties (equal up to float noise)
+    assert result.chosen == valid[next(j for j, v in enumerate(s) if v >= max(s) - 1e-9)]
     if not all(parsed):
         assert result.rejected == parsed.index(False)
         assert not result.rejected_parsed and result.score_gap is None
     else:
-        assert result.rejected == valid[s.index(min(s))]
+        assert result.rejected == valid[next(j for j, v in enumerate(s) if v <= min(s) + 1e-9)]
         assert result.score_gap == pytest.approx(max(s) - min(s)) and result.score_gap > 0
     assert [v is not None for v in result.norm_scores] == list(parsed)
 

@@ -232,7 +232,7 @@ def test_existing_version_is_refused_and_untouched(built: LocalStore) -> None:
     assert not [p for p in built.root.iterdir() if p.name.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("name", ["../escape", "iter 1", "-iter", "iter-1.", "a..b", ""])
+@pytest.mark.parametrize("name", ["../escape", "iter 1", "-iter", "iter-1.", "a..b", "", "iter-1.lock"])
 def test_invalid_version_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(TPODataError, match="invalid version name"):
         LocalStore(tmp_path).write_version(name, {}, {}, "card")
@@ -394,6 +394,44 @@ def test_stale_tmp_folders_are_ignored_and_removed_on_write(
     assert [m["version"] for m in store.versions()] == ["iter-1", "iter-2"]
     assert sorted(store.remove_stale_tmp(max_age_s=-1)) == [fresh.name, touched.name]
     assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_writer_whose_folder_was_removed_as_stale_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer paused past STALE_TMP_AGE_S loses its .tmp folder to another writer's cleanup:
+    it must fail, not publish a version whose data files are gone."""
+    from tpo_data import store as store_module
+
+    store = LocalStore(tmp_path / "store")
+    original = store_module._write_bytes
+
+    def write_after_cleanup(path: Path, data: bytes) -> None:
+        # The parquet files are written; now another writer's cleanup runs.
+        store.remove_stale_tmp(max_age_s=-1)
+        monkeypatch.setattr(store_module, "_write_bytes", original)
+        original(path, data)
+
+    monkeypatch.setattr(store_module, "_write_bytes", write_after_cleanup)
+    lost = r"lost data/candidates/.*parquet, data/pairs/.*parquet: .* removed as stale"
+    with pytest.raises(TPODataError, match=lost) as err:
+        write_test_iteration(store, 1)
+    assert "run the same command again" in str(err.value)
+    assert store.versions() == [] and not list(store.root.iterdir())
+
+
+def test_version_with_no_pairs_loads_empty_and_is_not_sent_for_review(tmp_path: Path) -> None:
+    """Every instruction dropped is a real outcome: the version is written and reads back empty."""
+    from tpo_data.curation import push_for_review
+
+    pairs, candidates = make_iteration(1)
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1, pairs=pairs.select([]))
+    empty = store.load("iter-1", "pairs")
+    assert empty.num_rows == 0 and empty.features == pairs.features
+    assert store.load("iter-1", "candidates").num_rows == candidates.num_rows
+    with pytest.raises(TPODataError, match="version iter-1 has no pairs to review"):
+        push_for_review(store, "iter-1", client=None)
 
 
 def test_verify_detects_changes(tmp_path: Path) -> None:

@@ -361,6 +361,12 @@ def push_for_review(
     if sample is not None and sample < 1:
         raise TPODataError(f"sample must be at least 1, got {sample}", "pass a positive --sample or leave it out")
     pairs = store.load(version, "pairs")
+    if pairs.num_rows == 0:
+        raise TPODataError(
+            f"version {version} has no pairs to review (every instruction was dropped; "
+            f"`tpo-data show {version}` says why)",
+            "review a version with pairs, or generate again with more instructions or samples",
+        )
     ids = [str(i) for i in pairs["instruction_id"]]
     duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicated:

@@ -117,6 +117,11 @@ def _api(token: str | None) -> Any:
     return HfApi(token=token, library_name="tpo-data", library_version=__version__)
 
 
+def _check_retries(max_retries: int) -> None:
+    if max_retries < 0:
+        raise TPODataError(f"max_retries must be 0 or more, got {max_retries}", "pass --max-retries 0 or more")
+
+
 def _retrying(
     call: Callable[[], T],
     what: str,
@@ -131,6 +136,7 @@ def _retrying(
     Exceptions of the ``passthrough`` types are re-raised unchanged for the caller to handle;
     ``fix`` replaces the default advice of the final error.
     """
+    _check_retries(max_retries)
     for attempt in range(max_retries + 1):
         try:
             return call()
@@ -214,6 +220,7 @@ def _commit_version(
     """Commit the version's files so that ``main`` equals the version; return the commit sha."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
+    _check_retries(max_retries)
     for attempt in range(max_retries + 1):
         try:
             head = _main_head(api, repo_id)

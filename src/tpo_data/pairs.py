@@ -52,8 +52,9 @@ DROP_NO_VERDICT = "no_verdict"
 DROP_REASONS = (DROP_SINGLE_SAMPLE, DROP_NON_FINITE, DROP_NO_VERDICT, DROP_NO_VALID, DROP_ALL_TRUNCATED,
                 DROP_ALL_EQUAL, DROP_SINGLE_VALID)
 
-# Length-controlled scores closer than this are equal (z-scores are O(1)).
-_EQUAL_ATOL = 1e-12
+# Length-controlled scores closer than this are equal (z-scores are O(1); a
+# Bradley-Terry fit leaves ~1e-16 between samples with identical records).
+_EQUAL_ATOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ def select_pair(
         return Drop(DROP_SINGLE_VALID)
 
     s = length_controlled(sc[valid], ln[valid], rho)
-    # np.argmax/argmin return the first extreme: ties go to the lowest index.
-    best = int(np.argmax(s))
+    # Ties (equal up to float noise) go to the lowest index.
+    best = int(np.flatnonzero(s >= s.max() - _EQUAL_ATOL)[0])
     chosen = int(valid[best])
     gap: float | None = None
     failed, cut_off = np.flatnonzero(~parsed_mask), np.flatnonzero(parsed_mask & cut)
@@ -143,7 +144,7 @@ def select_pair(
     elif (no_spread(sc[valid]) and not length_breaks_ties) or np.ptp(s) <= _EQUAL_ATOL:
         return Drop(DROP_ALL_EQUAL)
     else:
-        worst = int(np.argmin(s))
+        worst = int(np.flatnonzero(s <= s.min() + _EQUAL_ATOL)[0])
         rejected = int(valid[worst])
         gap = float(s[best] - s[worst])
 

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-# A writer touches its .tmp folder every few seconds; an hour of silence means it died.
+# A write takes seconds to minutes; a .tmp folder unchanged for an hour has lost its writer.
+# (A writer that was only paused finds its files gone and fails: see write_version.)
 STALE_TMP_AGE_S = 3600.0
 CARD = "README.md"
 PIPELINE = "pipeline.yaml"
@@ -68,7 +69,8 @@ _RESERVED = {CARD, MANIFEST}
 
 
 def _is_version_name(version: str) -> bool:
-    return bool(_VERSION_RE.match(version)) and ".." not in version
+    # git refuses ref names ending in ".lock", so such a version could not be tagged.
+    return bool(_VERSION_RE.match(version)) and ".." not in version and not version.endswith(".lock")
 
 
 def check_version_name(version: str) -> None:
@@ -77,7 +79,7 @@ def check_version_name(version: str) -> None:
         raise TPODataError(
             f"invalid version name {version!r}",
             "use letters, digits, '.', '_' and '-' only, "
-            "starting and ending with a letter or digit "
+            "starting and ending with a letter or digit, not ending in '.lock' "
             "(for example iter-3 or iter-3-rerun)",
         )
 
@@ -253,6 +255,15 @@ class LocalStore:
             full.setdefault("row_counts", {name: ds.num_rows for name, ds in configs.items()})
             full.setdefault("library_versions", library_versions())
             full["files"] = _hash_tree(tmp)
+            written = {data_file_path(name) for name in configs} | {CARD} | set(extras)
+            lost = sorted(written - full["files"].keys())
+            if lost:
+                # Another writer removed this folder as stale while this one was paused.
+                raise TPODataError(
+                    f"writing version {version} lost {', '.join(lost)}: its unfinished folder {tmp.name} "
+                    f"was removed as stale (no change for {STALE_TMP_AGE_S:.0f} s) while this writer was paused",
+                    "run the same command again; nothing was published",
+                )
             _write_bytes(
                 tmp / MANIFEST,
                 scrub(json.dumps(full, indent=2, sort_keys=True, default=str)).encode(),
@@ -314,6 +325,14 @@ class LocalStore:
             )
         import datasets
 
+        if self.manifest(version)["row_counts"][config] == 0:
+            # datasets cannot build a split with no rows ('Instruction "train" corresponds to
+            # no data!'); the parquet file still holds the schema.
+            import pyarrow.parquet as pq
+
+            from tpo_data.card import data_file_path
+
+            return datasets.Dataset(pq.read_table(folder / data_file_path(config)))
         if cache_dir is None:
             # datasets keys its cache of a local folder by the folder's name, so two
             # stores holding an "iter-1" would share rows. Key it by this manifest.

@@ -66,11 +66,14 @@ def neutralize(text: str) -> str:
     """Defang verdict tokens in a response before the judge sees it: ``[[A]]`` -> ``[ [A] ]``.
 
     Covers A, B and C (tie) in either case, with or without inner spaces.
-    The result has no substring :func:`parse_verdict` reads as a verdict, so
+    Chat end tokens (``</s>``, ``<|eot_id|>``...) are dropped first: the
+    parser drops them too, so ``[[</s>A]]`` would otherwise reach it as
+    ``[[A]]`` (and in a prompt they could end the judge's turn early). The
+    result has no substring :func:`parse_verdict` reads as a verdict, so
     neither the judge nor the parser can mistake the response's text for the
     judge's decision. Idempotent.
     """
-    return _NEUTRALIZE.sub(r"[ [\1] ]", text)
+    return _NEUTRALIZE.sub(r"[ [\1] ]", _END_TOKENS.sub("", text))
 
 
 def _copy_spans(text: str, response: str) -> list[tuple[int, int]]:
