@@ -582,6 +582,24 @@ def test_same_version_name_in_two_stores_loads_each_stores_rows(tmp_path: Path) 
     assert second.load("iter-1").to_list() == written[second.root]
 
 
+def test_read_only_store_loads_through_the_datasets_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared store mounted read-only (as root, permissions cannot make one: os.access says so)."""
+    from tpo_data import store as store_module
+
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1)
+    before = tree_hashes(store.root)
+    real_access = os.access
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: (
+        False if Path(path) == store.root and mode == os.W_OK else real_access(path, mode)))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    assert store.load("iter-1").to_list() == make_iteration(1)[0].to_list()
+    assert tree_hashes(store.root) == before and not (store.root / ".datasets-cache").exists()
+    assert list((tmp_path / "hf-cache" / "tpo-data" / ".datasets-cache").iterdir())
+
+
 def test_plots_skip_missing_scores() -> None:
     # A parse failure kept as the rejected sample has no score (None).
     from tpo_data.card import make_plots

@@ -337,7 +337,9 @@ class LocalStore:
             # datasets keys its cache of a local folder by the folder's name, so two
             # stores holding an "iter-1" would share rows. Key it by this manifest.
             digest = sha256_file(folder / MANIFEST)[:16]
-            cache_dir = str(self.root / ".datasets-cache" / digest)
+            # A shared store may be mounted read-only: then datasets' own cache holds it.
+            base = self.root if os.access(self.root, os.W_OK) else Path(datasets.config.HF_DATASETS_CACHE) / "tpo-data"
+            cache_dir = str(base / ".datasets-cache" / digest)
         return datasets.load_dataset(str(folder), config, split="train", cache_dir=cache_dir)
 
     def verify(self, version: str) -> None:
