@@ -229,6 +229,17 @@ def test_stats_report_the_judges_position_bias(mode, first, warned):
     assert "Position" not in format_stats({k: v for k, v in stats.items() if k != "judge_first_wins"})
 
 
+@pytest.mark.parametrize("settings, named", [
+    ({"judge_max_new_tokens": 0}, "judge_max_new_tokens=0"),
+    ({"judge_temperature": -1.0}, "judge_temperature=-1.0"),
+    ({"reward_max_length": 1}, "reward_max_length=1"),
+    ({"reward_batch_size": 0}, "reward_batch_size=0"),
+])
+def test_bad_judge_settings_are_named(settings, named):
+    with pytest.raises(TPODataError, match=f"Invalid .*{named}"):
+        JudgeArguments(**settings)
+
+
 def test_pair_data_refuses_unjudged_rows():
     row = _row([0.1, 0.2], [True, True])
     row["scores"] = None
@@ -278,7 +289,8 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
 
     rm = make_tiny_seqcls(tmp_path / "rm")
     out = tmp_path / "run"
-    args = _args(tiny_lm, out, "--judge", "reward_model", "--judge_model", str(rm), "--rho", "0.1")
+    args = _args(tiny_lm, out, "--judge", "reward_model", "--judge_model", str(rm),
+                 "--reward_max_length", "110", "--rho", "0.1")  # rho last: replaced below
     tpo_main(args)
     printed = capsys.readouterr().out
     store = LocalStore(out / "store")
@@ -290,6 +302,15 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
     assert stats["pairs_kept"] == pairs.num_rows and stats["rho"] == 0.1
     assert stats["judge_calls"] == sum(candidates["parsed"])
     assert f"Pairs kept: {pairs.num_rows}/4 instructions" in printed
+    # Pairs longer than --reward_max_length tokens are counted, here as the RM's own tokenizer sees them.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    lengths = [len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": c["instruction"]}, {"role": "assistant", "content": c["response"]}],
+        return_dict=True)["input_ids"]) for c in candidates if c["parsed"]]
+    assert 0 < stats["judge_truncated"] == sum(n > 110 for n in lengths) < len(lengths)
+    assert f"; {stats['judge_truncated']} responses longer than the reward model's max_length" in printed
     for pair in pairs:
         assert pair["score_gap"] > 0 and pair["rho"] == 0.1
         assert pair["prompt"] == [{"role": "user", "content": pair["instruction"]}]

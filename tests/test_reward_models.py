@@ -175,6 +175,22 @@ def test_multi_logit_head_and_broken_weights_are_refused(tmp_path):
         RewardModelScorer(str(broken))
 
 
+def test_long_pairs_are_scored_on_their_start_and_flagged(seqcls_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(seqcls_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(seqcls_dir)
+    full = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": i}, {"role": "assistant", "content": r}], return_dict=True)["input_ids"]
+        for i, r in zip(INSTRUCTIONS, RESPONSES)]
+    limit = sorted(len(ids) for ids in full)[len(full) // 2]
+    scorer = RewardModelScorer(str(seqcls_dir), batch_size=4, max_length=limit)
+    results = scorer.score_detailed(INSTRUCTIONS, RESPONSES)
+    assert [r.truncated for r in results] == [len(ids) > limit for ids in full]
+    assert 0 < scorer.truncated_count == sum(len(ids) > limit for ids in full) < len(full)
+    with torch.no_grad():
+        expected = [model(input_ids=torch.tensor([ids[:limit]])).logits[0, 0].item() for ids in full]
+    assert [r.score for r in results] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
 def test_step_skips_rows_without_response(seqcls_dir, monkeypatch):
     step = PointwiseRewardJudge(name="judge", model=str(seqcls_dir))
     step.load()

@@ -132,6 +132,14 @@ class JudgeArguments:
         default=256, metadata={"help": "Tokens per judgment (reasoning + verdict)."}
     )
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature."})
+    reward_max_length: int = field(
+        default=4096,
+        metadata={"help": "reward_model: token limit of instruction + response; longer pairs are scored "
+                  "on their start only (counted in judge_truncated)."},
+    )
+    reward_batch_size: int = field(
+        default=8, metadata={"help": "reward_model: pairs per forward pass, after sorting by length."}
+    )
     force_verdict: bool = field(
         default=True,
         metadata={"help": "For a judgment without a [[A]]/[[B]] verdict, make a second short call "
@@ -177,6 +185,13 @@ class JudgeArguments:
                 f"Invalid judge settings judge_max_new_tokens={self.judge_max_new_tokens}, "
                 f"judge_temperature={self.judge_temperature}.",
                 "Use judge_max_new_tokens >= 1 and judge_temperature >= 0.",
+            )
+        if self.reward_max_length < 2 or self.reward_batch_size < 1:
+            raise TPODataError(
+                f"Invalid reward-model settings reward_max_length={self.reward_max_length}, "
+                f"reward_batch_size={self.reward_batch_size}.",
+                "Use reward_max_length >= 2 (the model's context length, e.g. 8192 for ArmoRM) "
+                "and reward_batch_size >= 1.",
             )
 
     def rho_value(self) -> float | None:

@@ -228,9 +228,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     judge = stats["judge"] + (f" ({stats['judge_mode']})" if stats.get("judge_mode") else "")
     # Statistics written before forced verdicts existed have no count.
     forced = f", {stats['judge_forced']} forced verdicts" if "judge_forced" in stats else ""
+    cut = stats.get("judge_truncated")
+    cut = f"; {cut} responses longer than the reward model's max_length, scored on their start only" if cut else ""
     return (
         f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable"
-        f"{forced}\n{_position_line(stats)}"
+        f"{forced}{cut}\n{_position_line(stats)}"
         f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
         f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"
         f"Rejected parse failures: {stats['rejected_parse_failures']}; rho: {rho})\n"

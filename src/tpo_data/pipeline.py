@@ -152,7 +152,8 @@ def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArgumen
         from tpo_data.reward_models import GroupRewardJudge
 
         return functools.partial(GroupRewardJudge, name="judge", model=judge_path,
-                                 input_batch_size=batch_size)
+                                 input_batch_size=batch_size, batch_size=judge.reward_batch_size,
+                                 max_length=judge.reward_max_length)
     args, reuse = judge_engine_args(judge, engine, same_model=judge_path == model_path)
     jsampling = judge_sampling(judge, sampling)
     base_url, served = policy if reuse else start_endpoint(
@@ -299,6 +300,8 @@ def judge_spec(judge: JudgeArguments, judge_path: str) -> dict[str, Any]:
     if judge.judge == "pairwise":
         spec.update(judge_mode=judge.judge_mode, judge_max_new_tokens=judge.judge_max_new_tokens,
                     judge_temperature=judge.judge_temperature, force_verdict=judge.force_verdict)
+    elif judge.judge == "reward_model":
+        spec.update(reward_max_length=judge.reward_max_length)
     return spec
 
 

@@ -22,7 +22,7 @@ do with them (``PointwiseRewardJudge`` logs the count per batch).
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -66,11 +66,13 @@ PLAIN_FORMAT = "User: {instruction}\n\nAssistant: {response}"
 
 @dataclass(frozen=True)
 class RewardResult:
-    """One scored pair. ``objective_rewards``/``gating_weights`` are set for ArmoRM only."""
+    """One scored pair. ``objective_rewards``/``gating_weights`` are set for ArmoRM only;
+    ``truncated``: the pair was longer than ``max_length`` and only its start was scored."""
 
     score: float
     objective_rewards: list[float] | None = None
     gating_weights: list[float] | None = None
+    truncated: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -234,6 +236,9 @@ class RewardModelScorer:
 
     def encode(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
         """Token ids per pair, cut to ``max_length`` (counted in ``truncated_count``)."""
+        return self._cut(self._token_ids(instructions, responses))
+
+    def _token_ids(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
         if len(instructions) != len(responses):
             raise TPODataError(
                 f"Got {len(instructions)} instructions but {len(responses)} responses.",
@@ -243,7 +248,9 @@ class RewardModelScorer:
             return []  # fast tokenizers fail on an empty batch
         texts = [self._format(i, r) for i, r in zip(instructions, responses)]
         # A chat template already writes BOS/EOS; plain text gets the tokenizer's own.
-        encoded = self.tokenizer(texts, add_special_tokens=not self._uses_template)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=not self._uses_template)["input_ids"]
+
+    def _cut(self, encoded: list[list[int]]) -> list[list[int]]:
         truncated = sum(len(ids) > self.max_length for ids in encoded)
         if truncated:
             self.truncated_count += truncated
@@ -261,7 +268,9 @@ class RewardModelScorer:
 
     def score_detailed(self, instructions: list[str], responses: list[str]) -> list[RewardResult]:
         """Like ``score`` plus ArmoRM's per-objective rewards and gating weights."""
-        encoded = self.encode(instructions, responses)
+        full = self._token_ids(instructions, responses)
+        cut = [len(ids) > self.max_length for ids in full]
+        encoded = self._cut(full)
         results: list[RewardResult | None] = [None] * len(encoded)
         gating: list[int | None] = [None] * len(encoded)
         if self.kind == "armorm":
@@ -277,7 +286,7 @@ class RewardModelScorer:
             batch = todo[start : start + self.batch_size]
             for index, result in zip(batch, self._forward([encoded[i] for i in batch], [gating[i] for i in batch])):
                 results[index] = result
-        return results  # type: ignore[return-value]
+        return [replace(r, truncated=c) if c else r for r, c in zip(results, cut)]  # type: ignore[arg-type]
 
     def _forward(self, rows: list[list[int]], gating: list[int | None]) -> list[RewardResult]:
         width = max(len(ids) for ids in rows)
@@ -422,21 +431,24 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
     Input columns: ``instruction``, ``responses``, ``parsed``. Output columns:
     ``scores`` (reward per parsed sample, None for parse failures, NaN where
     the model output was not finite), ``judge_calls`` (responses scored),
-    ``judge_unparsable`` (NaN rewards), ``judge_forced`` and ``judge_first_wins`` (always 0).
+    ``judge_unparsable`` (NaN rewards), ``judge_truncated`` (responses longer than
+    ``max_length`` with the instruction, scored on their start only), ``judge_forced`` and
+    ``judge_first_wins`` (always 0).
     """
 
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         # One scorer call for the whole batch: it sorts by length, so padding stays small.
         flat = [(row, i) for row in inputs for i, ok in enumerate(row["parsed"]) if ok]
-        rewards = self._scorer.score([row["instruction"] for row, _ in flat],
-                                     [row["responses"][i] for row, i in flat])
+        results = self._scorer.score_detailed([row["instruction"] for row, _ in flat],
+                                              [row["responses"][i] for row, i in flat])
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
             row.update(dict.fromkeys(JUDGE_COUNTERS, 0))
-        for (row, i), reward in zip(flat, rewards):
-            row["scores"][i] = reward
+        for (row, i), result in zip(flat, results):
+            row["scores"][i] = result.score
             row["judge_calls"] += 1
-            row["judge_unparsable"] += math.isnan(reward)
+            row["judge_unparsable"] += math.isnan(result.score)
+            row["judge_truncated"] += result.truncated
         yield inputs
 
 

@@ -80,7 +80,7 @@ class ThoughtGeneration(Task):
 
 
 # Per-row counts every judge step writes (zeroed first; summed in the run statistics).
-JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins")
+JUDGE_COUNTERS = ("judge_calls", "judge_unparsable", "judge_forced", "judge_first_wins", "judge_truncated")
 JUDGE_COLUMNS = ("scores", *JUDGE_COUNTERS)
 # The columns a finished row keeps in checkpoints and the iteration ledger.
 KEEP = ("id", "instruction", "category", "generation", "thoughts", "responses", "parsed",
