@@ -228,8 +228,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     judge = stats["judge"] + (f" ({stats['judge_mode']})" if stats.get("judge_mode") else "")
     # Statistics written before forced verdicts existed have no count.
     forced = f", {stats['judge_forced']} forced verdicts" if "judge_forced" in stats else ""
-    cut = stats.get("judge_truncated")
-    cut = f"; {cut} responses longer than the reward model's max_length, scored on their start only" if cut else ""
+    n_cut = stats.get("judge_truncated")
+    cut = f"; {n_cut} responses longer than the reward model's max_length, scored on their start only" if n_cut else ""
     return (
         f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable"
         f"{forced}{cut}\n{_position_line(stats)}"

@@ -317,7 +317,8 @@ class LocalStore:
     ) -> datasets.Dataset:
         """Load one config of a version through ``datasets.load_dataset`` on its folder."""
         folder = self.path(version)
-        configs = sorted(self.manifest(version).get("row_counts", {}))
+        row_counts = self.manifest(version).get("row_counts", {})
+        configs = sorted(row_counts)
         if config not in configs:
             raise TPODataError(
                 f"version {version} has no config {config!r}",
@@ -325,7 +326,7 @@ class LocalStore:
             )
         import datasets
 
-        if self.manifest(version)["row_counts"][config] == 0:
+        if row_counts[config] == 0:
             # datasets cannot build a split with no rows ('Instruction "train" corresponds to
             # no data!'); the parquet file still holds the schema.
             import pyarrow.parquet as pq
