@@ -190,9 +190,9 @@ def test_find_gating_position_takes_last_occurrence():
 
 def test_missing_pattern_after_truncation_gives_nan(armorm_dir):
     scorer = RewardModelScorer(str(armorm_dir), max_length=8)
-    scores = scorer.score(["a long instruction that gets truncated " * 3, "Hi"], ["ok", "ok"])
-    assert all(math.isnan(s) for s in scores)
-    assert scorer.truncated_count == 2
+    results = scorer.score_detailed(["a long instruction that gets truncated " * 3, "Hi"], ["ok", "ok"])
+    assert all(math.isnan(r.score) for r in results)
+    assert [r.truncated for r in results] == [True, True]
 
 
 def _copy_checkpoint(src, dst, *, drop_tensor: str | None = None, drop_key: str | None = None, arch=None):

@@ -17,7 +17,6 @@ from tpo_data.scoring import (
     auto_rho,
     bradley_terry,
     check_finite,
-    elo,
     first_position_p_value,
     length_controlled,
     position_biased,
@@ -203,10 +202,6 @@ def test_bt_is_fast_at_k8():
         bradley_terry(w)
     # ~0.3 ms each on one core; the bound leaves room for a loaded machine.
     assert time.perf_counter() - start < 5.0
-
-
-def test_elo_scale():
-    np.testing.assert_allclose(elo(np.array([0.0, math.log(10.0), -math.log(10.0)])), [1000.0, 1400.0, 600.0])
 
 
 # --- length control -----------------------------------------------------------

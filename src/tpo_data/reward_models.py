@@ -148,7 +148,6 @@ class RewardModelScorer:
         self.max_length = max_length
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.truncated_count = 0
 
         config = load_config_dict(self.model_name)
         if kind != "auto" and not config.get("architectures"):
@@ -235,7 +234,7 @@ class RewardModelScorer:
         return PLAIN_FORMAT.format(instruction=instruction, response=response) + eos
 
     def encode(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
-        """Token ids per pair, cut to ``max_length`` (counted in ``truncated_count``)."""
+        """Token ids per pair, cut to ``max_length``."""
         return self._cut(self._token_ids(instructions, responses))
 
     def _token_ids(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
@@ -253,7 +252,6 @@ class RewardModelScorer:
     def _cut(self, encoded: list[list[int]]) -> list[list[int]]:
         truncated = sum(len(ids) > self.max_length for ids in encoded)
         if truncated:
-            self.truncated_count += truncated
             logger.warning(
                 "%d of %d pairs exceed max_length=%d tokens and were cut from the right.",
                 truncated,

@@ -123,11 +123,6 @@ def bradley_terry(wins: np.ndarray, l2: float = 1e-3, max_iter: int = 100, tol: 
     return s - s.mean()
 
 
-def elo(strengths: np.ndarray) -> np.ndarray:
-    """Bradley-Terry log-strengths on the familiar ELO scale (400 points = 10x odds, mean 1000)."""
-    return 400.0 / math.log(10.0) * np.asarray(strengths, dtype=float) + 1000.0
-
-
 def first_position_p_value(first_wins: int, decided: int) -> float:
     """Two-sided exact binomial p-value of ``first_wins`` out of ``decided`` when either position wins half."""
     if not 0 <= first_wins <= decided:

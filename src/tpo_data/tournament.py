@@ -87,7 +87,6 @@ class _Match:
 
 @dataclass
 class _Bracket:
-    want_best: bool
     alive: int  # candidates that can still win this bracket
     waiting: list[int] = field(default_factory=list)
     last_opponent: dict[int, int] = field(default_factory=dict)
@@ -120,7 +119,7 @@ class Tournament:
         self._results: dict[tuple[int, int], int] = {}
         self._open: list[_Match] = []  # matches in creation order
         half = (k + 1) // 2
-        self._brackets = {"max": _Bracket(True, half), "min": _Bracket(False, half)}
+        self._brackets = {"max": _Bracket(half), "min": _Bracket(half)}
         if k % 2:
             for bracket in self._brackets.values():
                 bracket.waiting.append(k - 1)
