@@ -558,6 +558,22 @@ def test_cli_help_runs() -> None:
     assert result.returncode == 0 and "--tag" in result.stdout and "HF_TOKEN" in result.stdout
 
 
+def test_cli_flags_take_either_spelling_and_no_abbreviation(monkeypatch, capsys) -> None:
+    # The recipe commands (TRL's parser) take --max_steps and --max-steps; the others must too.
+    monkeypatch.chdir(Path(__file__).parents[1])  # pit-run runs from the repository root
+    recipe = "recipes/pit-smollm2.yaml"
+    printed = []
+    for flag in ("--dry-run", "--dry_run"):
+        assert cli_main(["pit-run", "--config", recipe, flag]) == 0  # runs nothing: prints each stage
+        printed.append(capsys.readouterr().out.splitlines())
+    assert printed[0] == printed[1] and len(printed[0]) == 8
+    assert all(" done" in line or " to run: " in line for line in printed[0])
+    # A prefix of a flag is refused, not read as the flag: these commands resume from files.
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["pit-run", "--config", recipe, "--dry"])
+    assert refused.value.code == 2 and "unrecognized arguments: --dry" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["generate", "iterate", "eval", "train"])
 def test_recipe_command_help_names_the_command(command: str, capsys) -> None:
     # These parse with TrlParser, whose usage line would otherwise read "tpo-data [-h] ...".

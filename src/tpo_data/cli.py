@@ -30,6 +30,23 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
         "the command line override it."))
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of ``tpo-data`` and its subcommands (which inherit the class).
+
+    ``--max-items`` also answers to ``--max_items``, as TRL's parser does for the recipe
+    commands, so one spelling works everywhere; and no abbreviations, as in
+    :func:`recipe_parser`, because several of these commands resume from files.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        aliases = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *[a for a in aliases if a not in names], **kwargs)
+
+
 def read_recipe(path: str | Path, given_as: str = "--config") -> dict[str, Any]:
     """A YAML recipe as a mapping, or an error that says what is wrong with it."""
     import yaml
@@ -156,7 +173,7 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tpo-data",
         description="Thought Preference Optimization (TPO) and implicit self-improvement (PIT): "
         "build preference datasets with distilabel, version them, review them in Argilla and "

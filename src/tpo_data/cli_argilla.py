@@ -35,7 +35,7 @@ def add_cli(subparsers: Any) -> None:
     """Register ``argilla push|pull|apply`` on an argparse subparsers object."""
     argilla = subparsers.add_parser(
         "argilla",
-        help="review pairs in Argilla: push, pull, apply",
+        help="Review pairs in Argilla: push, pull, apply.",
         description="Human review of a version's pairs in Argilla. The server comes from ARGILLA_API_URL and "
         "ARGILLA_API_KEY (local server: bash scripts/argilla-server.sh start; "
         'eval "$(bash scripts/argilla-server.sh env)").',
@@ -76,9 +76,9 @@ def add_cli(subparsers: Any) -> None:
     )
     apply.add_argument("version", help="the reviewed version, for example iter-1")
     apply.add_argument("--store", metavar="PATH", required=True, help=_STORE_HELP)
-    apply.add_argument("--on_no", "--on-no", dest="on_no", choices=("flip", "drop"), default="flip",
+    apply.add_argument("--on-no", choices=("flip", "drop"), default="flip",
                        help="what a 'no' does: flip chosen and rejected (default) or drop the pair")
-    apply.add_argument("--new_version", "--new-version", dest="new_version",
+    apply.add_argument("--new-version",
                        help="name of the curated version (default: <version>-curated)")
     apply.add_argument("--reviews", metavar="PATH", help="reviews JSON (default: <store>/reviews/<version>.json)")
     apply.set_defaults(func=_cmd_apply)
@@ -87,7 +87,7 @@ def add_cli(subparsers: Any) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("version", help="store version, for example iter-1")
     parser.add_argument("--store", metavar="PATH", required=True, help=_STORE_HELP)
-    parser.add_argument("--dataset_name", "--dataset-name", dest="dataset_name", help=_NAME_HELP)
+    parser.add_argument("--dataset-name", help=_NAME_HELP)
     parser.add_argument("--workspace", help=_WORKSPACE_HELP)
 
 

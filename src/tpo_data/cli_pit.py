@@ -46,7 +46,7 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
 def add_cli(subparsers: Any) -> None:
     """Register ``improve`` and ``pit-eval`` on an argparse subparsers object."""
     improve = subparsers.add_parser(
-        "improve", help="improve an answer repeatedly with a PIT model", description=__doc__,
+        "improve", help="Improve an answer repeatedly with a PIT model.", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     improve.add_argument("--instruction", required=True, help="the instruction (user request)")
     improve.add_argument("--answer", help="the answer to improve (default: --policy writes one)")
@@ -56,7 +56,7 @@ def add_cli(subparsers: Any) -> None:
     improve.set_defaults(func=_cmd_improve)
 
     evaluate = subparsers.add_parser(
-        "pit-eval", help="evaluate PIT against Self-Refine on held-out items", description=__doc__,
+        "pit-eval", help="Evaluate PIT against Self-Refine on held-out items.", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--judge-model", required=True,
                           help="the judge (must not be the gap reward model): a point-wise reward model, "
@@ -78,7 +78,7 @@ def add_cli(subparsers: Any) -> None:
     evaluate.set_defaults(func=_cmd_eval)
 
     run = subparsers.add_parser(
-        "pit-run", help="run the whole PIT chain of a recipe, skipping finished stages",
+        "pit-run", help="Run the whole PIT chain of a recipe, skipping finished stages.",
         description=_pit_run_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", default="recipes/pit-smollm2.yaml", help="the PIT recipe")
     run.add_argument("--only", help="run only this stage, unless it is done (its inputs must exist)")

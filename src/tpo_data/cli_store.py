@@ -38,7 +38,7 @@ def add_cli(subparsers: Any) -> None:
     """Register ``versions``, ``show`` and ``publish`` on an argparse subparsers object."""
     versions = subparsers.add_parser(
         "versions",
-        help="list dataset versions with their lineage",
+        help="List dataset versions with their lineage.",
         description="List the versions of a local store (--store) or the tagged versions of a "
         "Hub dataset repo "
         "(--repo): iteration, row counts, parent model, creation time and manifest sha256.",
@@ -48,7 +48,7 @@ def add_cli(subparsers: Any) -> None:
 
     show = subparsers.add_parser(
         "show",
-        help="print the lineage and statistics of one version",
+        help="Print the lineage and statistics of one version.",
         description="Print the lineage, row counts and statistics in a version's manifest.",
     )
     show.add_argument(
@@ -59,7 +59,7 @@ def add_cli(subparsers: Any) -> None:
 
     publish = subparsers.add_parser(
         "publish",
-        help="publish a local version to the Hub and tag it",
+        help="Publish a local version to the Hub and tag it.",
         description="Upload a local version (both configs, card, plots, manifest, "
         "pipeline.yaml) to a Hub dataset repo in one commit and tag that commit (default tag: "
         "the version name). An existing tag is refused; "

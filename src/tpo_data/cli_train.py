@@ -16,7 +16,7 @@ def add_cli(subparsers: Any) -> None:
     # prefix_chars="+": argparse must not read "--config" etc. as options of this parser.
     train = subparsers.add_parser(
         "train",
-        help="train a model with DPO on a dataset version (same as trainers/dpo.py; --help for options)",
+        help="Train a model with DPO on a dataset version (same as trainers/dpo.py; --help for options).",
         add_help=False,
         prefix_chars="+",
     )
