@@ -186,7 +186,7 @@ def test_apply_offline_counts_card_and_candidates(tmp_path):
     assert store.load(new, "candidates").to_list() == store.load("iter-1", "candidates").to_list()
     with pytest.raises(TPODataError, match="not in version iter-1"):
         apply_reviews(store, "iter-1", [{"instruction_id": "zz", "responses": [answer("no")]}], new_version="x")
-    with pytest.raises(TPODataError, match="already exists"):
+    with pytest.raises(TPODataError, match="already exists(.|\n)*pass another --new-version"):
         apply_reviews(store, "iter-1", reviews)
     everything_tied = [{"instruction_id": f"q{i}", "responses": [answer("tie")]} for i in range(len(GAPS))]
     with pytest.raises(TPODataError, match="drop all 8 pairs"):

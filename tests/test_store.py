@@ -224,10 +224,11 @@ def test_existing_version_is_refused_and_untouched(built: LocalStore) -> None:
     before = tree_hashes(built.path("iter-1"))
     with pytest.raises(TPODataError, match="version iter-1 already exists") as err:
         write_test_iteration(built, 1)
-    assert "--version_name" in str(err.value)
+    assert "write it under another version name or to another store" in str(err.value)
     pairs, _ = make_iteration(1)
-    with pytest.raises(TPODataError, match="already exists"):
-        built.write_version("iter-1", {"pairs": pairs}, {}, "card")
+    # The fix names the flag of the command that chose the name, when there is one.
+    with pytest.raises(TPODataError, match="pass another --new-version \\(for example iter-1-rerun\\)"):
+        built.write_version("iter-1", {"pairs": pairs}, {}, "card", flag="--new-version")
     assert tree_hashes(built.path("iter-1")) == before
     assert not [p for p in built.root.iterdir() if p.name.startswith(".tmp-")]
 
@@ -493,6 +494,16 @@ def test_scrub_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     secrets.register("registered-secret-xyz")
     assert secrets.scrub("a registered-secret-xyz b") == "a *** b"
     assert "registered-secret-xyz" in secrets.secret_values()
+
+
+def test_version_text_that_quotes_bearer_stays_readable(tmp_path: Path) -> None:
+    # Scrubbing runs on serialized text: masking `bearer \"` up to the next quote would eat the
+    # backslash and leave a manifest that no command could read again.
+    store = LocalStore(tmp_path)
+    note = 'the judge as the bearer "of truth"; Authorization: Bearer abc.def-ghi'
+    store.write_version("v1", {}, {"note": note}, "card")
+    assert store.manifest("v1")["note"] == 'the judge as the bearer "of truth"; Authorization: Bearer ***'
+    store.verify("v1")
 
 
 def test_scrub_filter_cleans_log_records(caplog: pytest.LogCaptureFixture) -> None:

@@ -600,7 +600,7 @@ def apply_reviews(
         raise TPODataError(f"unknown on_no {on_no!r}", f"use one of: {', '.join(ON_NO)}")
     _check_reviews(reviews, source)
     new_version = new_version or f"{version}-curated"
-    store.check_new(new_version)
+    store.check_new(new_version, "--new-version")
     parent = store.manifest(version)
     pairs = store.load(version, "pairs")
     ids = [str(i) for i in pairs["instruction_id"]]
@@ -662,7 +662,8 @@ def apply_reviews(
     if "candidates" in configs:
         manifest["stats"] = card.compute_stats(configs["candidates"], curated)
     manifest["row_counts"] = {name: ds.num_rows for name, ds in configs.items()}
-    store.write_version(new_version, configs, manifest, _curated_card(new_version, version, manifest), {})
+    store.write_version(new_version, configs, manifest, _curated_card(new_version, version, manifest), {},
+                        flag="--new-version")
     return new_version
 
 

@@ -200,9 +200,8 @@ def _refuse_existing_tag(
         raise TPODataError(
             f"tag {tag} already exists in {repo_id} (commit {target[:12]}); "
             "published versions are immutable",
-            f"publish under a new name (`tpo-data publish ... --tag {tag}-rerun`, "
-            "or write the data under a new "
-            "--version_name), or delete the tag on the Hub first if it was published by mistake",
+            f"publish under a new tag (`tpo-data publish ... --tag {tag}-rerun`), "
+            "or delete the tag on the Hub first if it was published by mistake",
         )
 
 

@@ -175,7 +175,7 @@ def write_rows(args: PITPipelineArguments, recipe: dict[str, Any]) -> Path:
     from datasets import Dataset
 
     store = LocalStore(args.store)
-    store.check_new(args.sft_version)
+    store.check_new(args.sft_version, "--sft_version")
     prefs, source = read_preferences(args)
     rows, drops = build_improvement_rows(prefs)
     if not rows:
@@ -228,7 +228,7 @@ def sample_references(args: PITPipelineArguments, engine: EngineArguments, sampl
     from tpo_data.pipeline import start_endpoint
 
     store = LocalStore(args.store)
-    store.check_new(args.refs_version)
+    store.check_new(args.refs_version, "--refs_version")
     train = store.load(args.sft_version, TRAIN)
     instructions = {r["instruction"]: r["id"] for r in train.to_list()}
     rows = [{"id": i, "instruction": x} for x, i in instructions.items()]

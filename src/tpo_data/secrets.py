@@ -21,7 +21,8 @@ MASK = "***"
 _TOKEN_PATTERNS = (
     re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
     re.compile(r"\bapi_org_[A-Za-z0-9]{20,}"),
-    re.compile(r"(?i)(bearer\s+)[^\s'\",;]+"),
+    # No backslash: in JSON or YAML text, `bearer \"x` must keep its escape (the file stays valid).
+    re.compile(r"(?i)(bearer\s+)[^\s'\",;\\]+"),
 )
 # Very short values would mask ordinary words; nobody uses them as real secrets.
 _MIN_SECRET_LENGTH = 8

@@ -202,14 +202,18 @@ class LocalStore:
             )
         return removed
 
-    def check_new(self, version: str) -> None:
-        """Raise unless ``version`` is a valid name that does not exist yet."""
+    def check_new(self, version: str, flag: str | None = None) -> None:
+        """Raise unless ``version`` is a valid name that does not exist yet.
+
+        ``flag`` is the option that named the version, for the fix the error gives.
+        """
         check_version_name(version)
         if (self.root / version).exists():
+            rename = (f"pass another {flag} (for example {version}-rerun)" if flag
+                      else "write it under another version name or to another store")
             raise TPODataError(
                 f"version {version} already exists in store {self.root}; versions are immutable",
-                "choose another --version_name (for example "
-                f"{version}-rerun), or delete {self.root / version} yourself if it is garbage",
+                f"{rename}, or delete {self.root / version} yourself if it is garbage",
             )
 
     def write_version(
@@ -219,14 +223,17 @@ class LocalStore:
         manifest: Mapping[str, Any],
         card: str,
         extra_files: Mapping[str, bytes] | None = None,
+        *,
+        flag: str | None = None,
     ) -> Path:
         """Write a new version atomically and return its folder.
 
         ``manifest`` is completed with the version name, row counts, creation time
         and library versions where missing, and always with the sha256 and size of
-        every file. Text is scrubbed of secrets before it touches the disk.
+        every file. Text is scrubbed of secrets before it touches the disk. ``flag``:
+        as in :meth:`check_new`.
         """
-        self.check_new(version)
+        self.check_new(version, flag)
         for name in configs:
             if not _CONFIG_RE.match(name):
                 raise TPODataError(
@@ -270,12 +277,12 @@ class LocalStore:
             )
             _fsync_tree(tmp)
             # A concurrent writer may have won while this one was building.
-            self.check_new(version)
+            self.check_new(version, flag)
             try:
                 os.rename(tmp, self.root / version)
             except OSError:
                 # ... or between that check and the rename (ENOTEMPTY/EEXIST).
-                self.check_new(version)
+                self.check_new(version, flag)
                 raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
