@@ -133,6 +133,13 @@ def test_pairwise_judge_without_decisive_verdicts_gives_no_scores():
     assert data.pairs == []
     assert {k: v for k, v in data.stats["drops"].items() if v} == {"no_verdict": 2, "non_finite_score": 1}
     assert "dropped: non_finite_score=1, no_verdict=2" in format_stats(data.stats)
+    # A reward model that returned NaN for every sample made its calls and decided nothing too,
+    # but what happened is a non-finite score, and the statistics say so.
+    all_nan = _row([math.nan, math.nan], [True, True], id_="rm-nan")
+    all_nan.update(judge_calls=2, judge_unparsable=2)
+    data = build_iteration_data([all_nan], PRESETS["direct"], JudgeArguments(judge="reward_model", rho="0"),
+                                iteration=1)
+    assert {k: v for k, v in data.stats["drops"].items() if v} == {"non_finite_score": 1}
 
 
 def test_pairwise_tournament_call_budget():

@@ -117,8 +117,9 @@ def build_iteration_data(rows: list[dict], prompt: ThoughtPrompt, judge: JudgeAr
     auto = None if fixed is not None else auto_rho(groups, **options)
     rho = fixed if auto is None else auto.rho
     selection = select_pairs(groups, rho, **options)
-    selection = selection.relabel({i: DROP_NO_VERDICT for i, reason in selection.dropped
-                                   if reason == DROP_NON_FINITE and _undecided(rows[i])})
+    if judge.judge == "pairwise":  # a reward model's NaN is a non-finite score, not a missing verdict
+        selection = selection.relabel({i: DROP_NO_VERDICT for i, reason in selection.dropped
+                                       if reason == DROP_NON_FINITE and _undecided(rows[i])})
 
     pairs = []
     for index, choice in selection.pairs:

@@ -62,6 +62,14 @@ _VERDICT_LABEL = re.compile(
 )
 
 
+def _drop_end_tokens(text: str) -> str:
+    """``text`` without chat end tokens, to a fixed point: dropping ``<|e<|x|>os|>``'s inner
+    token joins its halves into a new one, so a single pass is not enough."""
+    while (shorter := _END_TOKENS.sub("", text)) != text:
+        text = shorter
+    return text
+
+
 def neutralize(text: str) -> str:
     """Defang verdict tokens in a response before the judge sees it: ``[[A]]`` -> ``[ [A] ]``.
 
@@ -73,12 +81,12 @@ def neutralize(text: str) -> str:
     neither the judge nor the parser can mistake the response's text for the
     judge's decision. Idempotent.
     """
-    return _NEUTRALIZE.sub(r"[ [\1] ]", _END_TOKENS.sub("", text))
+    return _NEUTRALIZE.sub(r"[ [\1] ]", _drop_end_tokens(text))
 
 
 def _copy_spans(text: str, response: str) -> list[tuple[int, int]]:
     """Spans of ``text`` that are verbatim copies of ``response`` (stripped)."""
-    needle = _END_TOKENS.sub("", response).strip()  # as the judgment was cleaned
+    needle = _drop_end_tokens(response).strip()  # as the judgment was cleaned
     spans: list[tuple[int, int]] = []
     if not needle:
         return spans
@@ -110,7 +118,7 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
     (A first); passing them lets copies of their text be recognised as
     quotations (rules in the module docstring).
     """
-    text = _END_TOKENS.sub("", judgment)
+    text = _drop_end_tokens(judgment)
     shown = dict(zip(VERDICTS, shown_responses))
     copies = {p: _copy_spans(text, r) for p, r in shown.items()}
 
