@@ -870,3 +870,18 @@ def test_negative_max_retries_is_refused_before_any_request(tmp_path: Path) -> N
     with pytest.raises(TPODataError, match="max_retries must be 0 or more, got -1") as err:
         publish_version(store, "iter-1", "user/scratch", token="hf_" + "x" * 34, max_retries=-1)
     assert "pass --max-retries 0 or more" in str(err.value)
+
+
+def test_version_with_an_empty_config_is_not_published(tmp_path: Path) -> None:
+    from tpo_data.errors import TPODataError
+    from tpo_data.hub import publish_version
+
+    store = LocalStore(tmp_path / "store")
+    pairs, _ = make_iteration(1)
+    write_test_iteration(store, 1, pairs=pairs.select([]))  # every instruction dropped: a real outcome
+    # Refused before any request (no Hub is reachable here): the Hub could not serve it back.
+    with pytest.raises(TPODataError, match="version iter-1 has no rows in pairs") as err:
+        publish_version(store, "iter-1", "user/scratch", token="hf_" + "x" * 34)
+    assert f"the version stays in {store.root}" in str(err.value)
+    assert store.load("iter-1", "pairs").num_rows == 0
+

@@ -374,6 +374,16 @@ def publish_version(
     folder = store.path(version)
     store.verify(version)  # publish exactly what the manifest describes
     manifest = store.manifest(version)
+    empty = sorted(name for name, rows in manifest.get("row_counts", {}).items() if rows == 0)
+    if empty:
+        # `datasets` refuses to load a config with no rows ("corresponds to no data"); the local
+        # store reads it through its own schema, the Hub cannot.
+        raise TPODataError(
+            f"version {version} has no rows in {', '.join(empty)}, and load_dataset cannot read an "
+            f"empty config from the Hub, so {repo_id} was not published",
+            f"the version stays in {store.root}; publish a version with rows (for pairs: more "
+            "instructions or samples per iteration)",
+        )
     files = sorted([*manifest["files"], MANIFEST])
     api = _api(_resolve_token(token, required=True))
     retry = {"max_retries": max_retries, "backoff": backoff}
