@@ -168,6 +168,44 @@ def test_loop_needs_a_judge_and_iterations(tiny_lm, tmp_path):
         loop_main(["--config", RECIPE, "--model", str(tiny_lm), "--iterations", "0"])
 
 
+def test_a_fixed_server_is_refused_where_several_models_answer(tiny_lm, tmp_path):
+    """--base_url serves one model: later iterations and the evaluation would all get its answers."""
+    import shutil
+
+    from tpo_data.loop import eval_main
+
+    out = tmp_path / "out"
+    fixed = ["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(out), "--judge", "pairwise",
+             "--engine", "openai", "--base_url", "http://127.0.0.1:9/v1"]
+    with pytest.raises(TPODataError, match=r"iterations 2\.\.3 generate with the models the loop trains"):
+        loop_main([*fixed, "--iterations", "3", "--evaluate", "false"])
+    with pytest.raises(TPODataError, match="the evaluation compares M0 with the models the loop trains"):
+        loop_main([*fixed, "--iterations", "1"])
+    assert not out.exists()  # refused before anything ran
+    m1 = shutil.copytree(tiny_lm, tmp_path / "m1")
+    with pytest.raises(TPODataError, match="the evaluation compares 2 models(.|\n)*--engine vllm without --base_url"):
+        eval_main([*fixed, "--eval_models", f"M0={tiny_lm}", f"M1={m1}"])
+
+
+def test_eval_reward_judge_scores_with_the_recipes_reward_settings(tmp_path):
+    # The eval's reward model must cut inputs where the one that scored the pairs did.
+    from tiny_models import make_tiny_seqcls
+
+    from tpo_data.evaluation import JudgmentCache, _reward_verdicts
+    from tpo_data.judges import JudgeArguments
+
+    rm = str(make_tiny_seqcls(tmp_path / "rm"))
+    calls = [("word " * 40, "the same start, then one ending", "the same start, then another ending entirely")]
+
+    def verdicts(limit):
+        judge = JudgeArguments(judge="reward_model", judge_model=rm, reward_max_length=limit)
+        cache = JudgmentCache(tmp_path / f"judgments-{limit}.jsonl", "label")
+        return [v["r"] for v in _reward_verdicts(calls, judge, rm, cache)]
+
+    assert verdicts(16) == [0]  # cut inside the instruction: both responses score the same tokens
+    assert verdicts(4096) in ([1], [-1])
+
+
 def test_eval_needs_a_trained_model(tiny_lm, tmp_path):
     from tpo_data.loop import eval_main
 

@@ -259,3 +259,15 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
             # seeded with --seed instead.
         },
     )
+
+
+def check_one_model_per_endpoint(engine: EngineArguments, why_several: str) -> None:
+    """Refuse ``--base_url`` where several models must answer: the server's model answers every request."""
+    if engine.base_url:
+        raise TPODataError(
+            f"--base_url points at a server with one fixed model, and {why_several}: the server's "
+            "model would answer for all of them.",
+            "Use --engine vllm without --base_url (a vLLM server is started for each model) or "
+            "--engine transformers; or serve each model yourself and run one step per server "
+            "(tpo-data generate --iteration t --model M_t-1 --base_url URL, then trainers/dpo.py).",
+        )

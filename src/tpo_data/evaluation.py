@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
+from tpo_data.engines import EngineArguments, SamplingArguments, build_llm, check_one_model_per_endpoint
 from tpo_data.errors import TPODataError
 from tpo_data.files import read_jsonl_log
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
@@ -247,14 +247,16 @@ def _pairwise_verdicts(calls: list[tuple[str, str, str]], judge: JudgeArguments,
     return [cache.entries[cache.key(c)] for c in calls]
 
 
-def _reward_verdicts(calls: list[tuple[str, str, str]], judge_path: str,
+def _reward_verdicts(calls: list[tuple[str, str, str]], judge: JudgeArguments, judge_path: str,
                      cache: JudgmentCache) -> list[dict]:
     """A point-wise reward model as a comparison: r = sign(reward(a) - reward(b))."""
     from tpo_data.reward_models import RewardModelScorer
 
     todo = cache.missing(calls)
     if todo:
-        scorer = RewardModelScorer(judge_path)
+        # The settings that scored the training pairs (pipeline.py).
+        scorer = RewardModelScorer(judge_path, batch_size=judge.reward_batch_size,
+                                   max_length=judge.reward_max_length)
         texts = list(dict.fromkeys((c[0], t) for c in todo for t in c[1:]))
         rewards = dict(zip(texts, scorer.score([t[0] for t in texts], [t[1] for t in texts])))
         for call in todo:
@@ -280,6 +282,8 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
                        input_batch_size=run.input_batch_size * sampling.num_samples)
     # Resolved once: resolving the embedded model verifies its checksums.
     paths = {m.name: str(resolve_model(m.path)) for m in models}
+    if len(set(paths.values())) > 1:
+        check_one_model_per_endpoint(engine, f"the evaluation compares {len(set(paths.values()))} models")
     seed_path = paths[models[0].name]
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
     with ExitStack() as stack:
@@ -301,7 +305,7 @@ def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[s
         f" ({judge.judge_engine or engine.engine})" if judge.judge == "pairwise" else "")
     cache = JudgmentCache(folder / "judgments.jsonl", json.dumps(
         [label, judge.judge_max_new_tokens, judge.judge_temperature, judge.force_verdict,
-         judge_path]))
+         judge_path, *([judge.reward_max_length] if judge.judge == "reward_model" else [])]))
 
     def shown(name: str, i: int) -> str:
         row = answers[name][i]
@@ -319,7 +323,7 @@ def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[s
     if server is not None:
         verdicts = _pairwise_verdicts(calls, judge, server, cache)
     else:
-        verdicts = _reward_verdicts(calls, judge_path, cache)
+        verdicts = _reward_verdicts(calls, judge, judge_path, cache)
 
     comparisons = []
     categories = [r.get("category") or "uncategorized" for r in rows]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tpo_data import hub
-from tpo_data.engines import EngineArguments, SamplingArguments
+from tpo_data.engines import EngineArguments, SamplingArguments, check_one_model_per_endpoint
 from tpo_data.errors import TPODataError
 from tpo_data.instructions import InstructionArguments
 from tpo_data.judges import JudgeArguments
@@ -65,7 +65,8 @@ class LoopArguments:
     )
     train_overrides: str = field(
         default="",
-        metadata={"help": "Extra trainer flags, e.g. '--num_train_epochs 10 --irpo_alpha 1'."},
+        metadata={"help": "Extra trainer flags, e.g. '--num_train_epochs 10 --irpo_alpha 1'; a single "
+                  "flag needs the = form: --train_overrides=--use_peft."},
     )
     launcher: str = field(
         default="",
@@ -193,6 +194,9 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         raise TPODataError("The loop trains on judged pairs, and the recipe sets --judge none.",
                            "Pass --judge pairwise or --judge reward_model.")
     require_pairs_possible(sampling)
+    if loop.iterations > 1:
+        check_one_model_per_endpoint(engine, f"iterations 2..{loop.iterations} generate with the models "
+                                     "the loop trains (M1, M2, ...)")
     hub.check_push_to_hub(run.push_to_hub, judged=True)
     store = LocalStore(run.store_dir())
     lineage: list[dict[str, Any]] = []
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
 
     parser = recipe_parser((*ARGUMENT_TYPES, LoopArguments, EvalArguments), prog)
     instructions, engine, sampling, run, judge, loop, eval_args = parse_recipe(parser, argv)
+    if loop.evaluate:  # before any training: the evaluation would refuse only at the end
+        check_one_model_per_endpoint(engine, "the evaluation compares M0 with the models the loop trains")
     started = time.perf_counter()
     lineage = run_loop(instructions, engine, sampling, run, judge, loop)
     if loop.baseline:
