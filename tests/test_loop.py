@@ -129,6 +129,11 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
                                                    out / "eval" / "judgments.jsonl")}
     loop_main(_args(tiny_lm, rm, out, "--iterations", "2"))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    # A finished model is reused only with the data it was trained on: here another store's
+    # iter-1 (the same samples, written anew) would be recorded as M1's training data.
+    with pytest.raises(TPODataError, match=r"(?s)trained on 'iter-1' of .*\(store, manifest_sha256 differ\).*remove \S+iter-1 to "):
+        loop_main(_args(tiny_lm, rm, out, "--iterations", "2", "--store", str(tmp_path / "other")))
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
     from tpo_data.loop import eval_main
 

@@ -169,6 +169,24 @@ def train(loop: LoopArguments, store: Path, version: str, parent: str, out: Path
         )
 
 
+def _check_trained_on(out: Path, store: LocalStore, version: str) -> None:
+    """Refuse to reuse a finished model that was trained on other data than this run's ``version``."""
+    from tpo_data.store import MANIFEST, sha256_file
+
+    dataset = json.loads((out / LINEAGE).read_text()).get("dataset", {})
+    expected = {"store": str(store.root.resolve()), "version": version,
+                "manifest_sha256": sha256_file(store.path(version) / MANIFEST)}
+    differ = [key for key, value in expected.items() if dataset.get(key) != value]
+    if differ:
+        raise TPODataError(
+            f"{out} is finished, but it was trained on {dataset.get('version')!r} of "
+            f"{dataset.get('store')!r}, and this run trains it on {version} of {store.root} "
+            f"({', '.join(differ)} differ{'s' if len(differ) == 1 else ''}).",
+            "Rerun with the flags that trained it (--curation, --store), or remove "
+            f"{out} to train it again; the generated versions are kept.",
+        )
+
+
 def _curated(store: LocalStore, version: str) -> str | None:
     curated = f"{version}-curated"
     return curated if curated in {m.get("version") for m in store.versions()} else None
@@ -218,7 +236,9 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         train_on = version
         if loop.curation == "argilla":
             train_on = _curated(store, version) or _wait_for_curation(store, version)
-        if not (out / LINEAGE).is_file():
+        if (out / LINEAGE).is_file():
+            _check_trained_on(out, store, train_on)
+        else:
             train(loop, store.root, train_on, parent, out)
         lineage.append({
             "iteration": t, "generator": parent, "version": version, "trained_on": train_on,
