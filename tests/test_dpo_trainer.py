@@ -293,6 +293,14 @@ def test_irpo_maps_onto_the_loss_list() -> None:
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     with pytest.raises(TPODataError, match="already contains 'sft'"):
         apply_irpo(script_args, args)
+    # The shipped recipe sets irpo_alpha; TRL's own spelling of the NLL term names the way out.
+    script_args, args, _ = parse_args(["--config", str(REPO / "recipes" / "dpo-smollm2.yaml"), "--output_dir", "x",
+                                       "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"])
+    with pytest.raises(TPODataError, match=r"(?s)irpo_alpha is 1.0 \(the recipe's value.*pass --irpo_alpha 0"):
+        apply_irpo(script_args, args)
+    script_args.irpo_alpha = 0.0
+    apply_irpo(script_args, args)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
 
 
 def test_tpo_data_train_command(store: LocalStore, tmp_path: Path, capsys) -> None:

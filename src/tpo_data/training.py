@@ -384,8 +384,10 @@ def apply_irpo(args: TrainArguments, training_args: DPOConfig) -> None:
         return
     if "sft" in training_args.loss_type:
         raise TPODataError(
-            "--irpo_alpha was given and loss_type already contains 'sft'",
-            "set the NLL weight one way: --irpo_alpha, or loss_type/loss_weights",
+            f"irpo_alpha is {args.irpo_alpha} (the recipe's value, if you did not pass --irpo_alpha) and "
+            "loss_type already contains 'sft': the NLL weight would be set twice",
+            "set it one way: pass --irpo_alpha 0 to weight 'sft' through --loss_weights, or drop 'sft' "
+            "from --loss_type",
         )
     weights = list(training_args.loss_weights or [1.0] * len(training_args.loss_type))
     training_args.loss_type = [*training_args.loss_type, "sft"]
