@@ -167,6 +167,16 @@ def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Pa
     assert "datasets:\n- stand-in-user/tpo-train" in card
     assert_weights_changed(tiny_lm, out)
 
+    # Compute nodes often run offline on cached data: the Hub is gone (stand-in stopped) and
+    # HF_HUB_OFFLINE is set; the revision still resolves to the same commit from the cache.
+    offline = subprocess.run(
+        [sys.executable, SCRIPT, *TINY, "--dataset_repo", repo, "--dataset_revision", "iter-1",
+         "--output_dir", str(tmp_path / "offline")],
+        cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert read_outputs(tmp_path / "offline")[1]["dataset"] == lineage["dataset"]
+
 
 def test_lora_run_saves_the_adapter_and_the_merged_model(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
     """--use_peft: output_dir holds a full model (what the next iteration loads) equal to the parent

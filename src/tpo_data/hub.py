@@ -439,7 +439,8 @@ class NoManifestError(TPODataError):
 def hub_manifest(
     repo_id: str, revision: str, *, token: str | None = None, max_retries: int = 5
 ) -> dict[str, Any]:
-    """The manifest of a published revision (tag, branch or commit) with ``manifest_sha256``."""
+    """The manifest of a published revision (tag, branch or commit) with ``manifest_sha256`` and the
+    ``commit`` it resolved to (read from the cache path, so it also works offline once cached)."""
     from huggingface_hub.errors import (
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -465,6 +466,7 @@ def hub_manifest(
         ) from None
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     manifest["manifest_sha256"] = sha256_file(Path(path))
+    manifest["commit"] = Path(path).parent.name  # the Hub cache keeps files in snapshots/<commit>/
     return manifest
 
 
@@ -491,7 +493,7 @@ def hub_versions(
         except NoManifestError:
             logger.info("tag %s of %s holds no tpo-data manifest; skipped", ref.name, repo_id)
             continue
-        manifest.update(tag=ref.name, commit=ref.target_commit)
+        manifest["tag"] = ref.name
         found.append(manifest)
     return sorted(
         found, key=lambda m: (m.get("iteration") is None, m.get("iteration") or 0, m["tag"])

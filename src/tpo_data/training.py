@@ -244,8 +244,6 @@ def _hub_tags(repo: str) -> str:
 
 
 def _hub_source(repo: str, revision: str) -> DataSource:
-    from huggingface_hub import HfApi
-
     from tpo_data.hub import NoManifestError, hub_manifest
 
     try:
@@ -257,7 +255,7 @@ def _hub_source(repo: str, revision: str) -> DataSource:
             "pass one of the tags as --dataset_revision, or check --dataset_repo "
             f"(`tpo-data versions --repo {repo}`)",
         ) from None
-    commit = HfApi().dataset_info(repo, revision=revision).sha
+    commit = manifest["commit"]
     return DataSource(
         lineage={
             "source": "hub",
