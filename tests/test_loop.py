@@ -166,6 +166,38 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
     assert ledger2.read_bytes() == generated2
 
 
+def test_loop_with_curation_trains_on_the_reviewed_version(tiny_lm, tmp_path):
+    """--curation argilla: the loop stops at each version for human review, the next model trains
+    on the reviewed copy (here with one verdict flipped), and the next version's lineage says so."""
+    from tiny_models import make_tiny_seqcls
+
+    from tpo_data.curation import apply_reviews
+
+    rm = make_tiny_seqcls(tmp_path / "rm")
+    out = tmp_path / "run"
+    args = _args(tiny_lm, rm, out, "--iterations", "2", "--evaluate", "false", "--curation", "argilla")
+    with pytest.raises(TPODataError, match="Version iter-1 waits for human review"):
+        loop_main(args)
+    assert trained_models(out) == []
+    store = LocalStore(out / "store")
+    pairs = store.load("iter-1", "pairs")
+    first = pairs[0]
+    no = {"reviewer": "ann", "label": "no", "flags": [], "note": None}
+    assert apply_reviews(store, "iter-1", [{"instruction_id": first["instruction_id"], "responses": [no]}]) \
+        == "iter-1-curated"
+    flipped = {r["instruction_id"]: r for r in store.load("iter-1-curated", "pairs")}[first["instruction_id"]]
+    assert (flipped["chosen"], flipped["rejected"]) == (first["rejected"], first["chosen"])
+
+    with pytest.raises(TPODataError, match="Version iter-2 waits for human review"):
+        loop_main(args)
+    ((_, m1),) = trained_models(out)
+    assert json.loads((m1 / "lineage.json").read_text())["dataset"]["version"] == "iter-1-curated"
+    manifest = store.manifest("iter-2")
+    assert (manifest["parent_model"], manifest["parent_version"]) == (str(m1), "iter-1-curated")
+    entry = json.loads((out / "lineage.json").read_text())["iterations"][0]
+    assert (entry["version"], entry["trained_on"]) == ("iter-1", "iter-1-curated")
+
+
 def test_loop_needs_a_judge_and_iterations(tiny_lm, tmp_path):
     with pytest.raises(TPODataError, match="--judge none"):
         loop_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path)])

@@ -37,6 +37,7 @@ from tpo_data.pair_data import (
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
+from tpo_data.training import LINEAGE
 
 log = logging.getLogger("tpo_data")
 
@@ -145,11 +146,21 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
             seed=sampling.seed,
             instruction_slice={"iteration": run.iteration, "ids": [r["id"] for r in result.rows]},
             pipeline_yaml=pipeline_yaml.read_text() if pipeline_yaml.is_file() else None,
-            parent_version=f"iter-{run.iteration - 1}" if run.iteration > 1 else None,
+            parent_version=trained_on(engine.model),
         )
     data.stats["store"] = str(store.root / version)
     stats_path.write_text(json.dumps(data.stats, indent=2, default=str))
     return data.stats
+
+
+def trained_on(model: str) -> str | None:
+    """The dataset version a model trained by this project learnt from (``iter-1-curated`` under
+    curation), from its lineage.json; None for any other model (M0)."""
+    lineage = Path(model) / LINEAGE
+    if not lineage.is_file():
+        return None
+    dataset = json.loads(lineage.read_text()).get("dataset") or {}
+    return dataset.get("version") or dataset.get("revision")
 
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
