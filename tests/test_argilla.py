@@ -199,6 +199,27 @@ def test_apply_offline_counts_card_and_candidates(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def test_apply_refuses_reviews_of_another_copy_of_the_version(tmp_path, capsys):
+    """A reviews file pulled before the version was written again (or in another store) has the
+    same version name and ids, but its answers are about other pairs."""
+    from tpo_data.store import MANIFEST, sha256_file
+
+    store = make_store(tmp_path)
+    root = str(store.root)
+    path = reviews_path(root, "iter-1")
+    path.parent.mkdir(parents=True)
+    reviews = [{"instruction_id": "q0", "responses": [answer("no")]}]
+    path.write_text(json.dumps({"version": "iter-1", "manifest_sha256": "0" * 64, "reviews": reviews}))
+    assert cli_main(["argilla", "apply", "iter-1", "--store", root]) == 2
+    err = capsys.readouterr().err
+    assert "holds reviews of another iter-1" in err and f"tpo-data argilla pull iter-1 --store {root}" in err
+    assert [m["version"] for m in store.versions()] == ["iter-1"]  # nothing written
+    digest = sha256_file(store.path("iter-1") / MANIFEST)
+    path.write_text(json.dumps({"version": "iter-1", "manifest_sha256": digest, "reviews": reviews}))
+    assert cli_main(["argilla", "apply", "iter-1", "--store", root]) == 0
+    assert store.manifest("iter-1-curated")["curation"]["flipped_no"] == 1
+
+
 @pytest.fixture(scope="module")
 def owner():
     return connect()
@@ -465,3 +486,8 @@ def test_pull_refuses_records_of_another_version(owner, workspace, tmp_path):
         pull_reviews(store, "iter-2", owner, dataset.name)
     with pytest.raises(TPODataError, match="no Argilla dataset named"):
         pull_reviews(store, "iter-2", owner)
+    # Same ids, one pair flipped: the reviewer of q0 saw iter-1's pair, not iter-1-curated's.
+    curated = apply_reviews(store, "iter-1", [{"instruction_id": "q0", "responses": [answer("no")]}])
+    with pytest.raises(TPODataError, match=r"1 record\(s\) that are not pairs of version iter-1-curated "
+                                           r"\(for example q0: another id, or the same id showing another pair"):
+        pull_reviews(store, curated, owner, dataset.name)

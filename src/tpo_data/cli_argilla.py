@@ -116,7 +116,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from tpo_data.curation import connect, pull_reviews
-    from tpo_data.store import LocalStore
+    from tpo_data.store import MANIFEST, LocalStore, sha256_file
 
     store = LocalStore(args.store)
     store.path(args.version)
@@ -125,6 +125,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "version": args.version,
+        # The exact version reviewed: a file left from before the version was regenerated, or
+        # from another store, holds answers about other pairs under the same ids.
+        "manifest_sha256": sha256_file(store.path(args.version) / MANIFEST),
         "dataset": reviews.dataset,
         "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "counts": reviews.counts,
@@ -141,7 +144,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from tpo_data.curation import apply_reviews
-    from tpo_data.store import LocalStore
+    from tpo_data.store import MANIFEST, LocalStore, sha256_file
 
     path = Path(args.reviews) if args.reviews else reviews_path(args.store, args.version)
     if not path.is_file():
@@ -160,6 +163,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "apply it to the version it was pulled for, or pass the right --reviews",
         )
     store = LocalStore(args.store)
+    digest = sha256_file(store.path(args.version) / MANIFEST)
+    if document.get("manifest_sha256", digest) != digest:
+        raise TPODataError(
+            f"{path} holds reviews of another {args.version} than the one in {store.root} (manifest "
+            f"sha256 {str(document['manifest_sha256'])[:12]} there, {digest[:12]} here): it was pulled "
+            "before the version was written again, or from another store",
+            f"pull the answers of this version: tpo-data argilla pull {args.version} --store {args.store}",
+        )
     new = apply_reviews(
         store, args.version, reviews, on_no=args.on_no, new_version=args.new_version, source=str(path)
     )

@@ -447,7 +447,9 @@ def pull_reviews(
     """
     pairs = store.load(version, "pairs")
     ids = [str(i) for i in pairs["instruction_id"]]
-    known = set(ids)
+    # What the reviewer saw must be this version's pair: ids alone repeat across versions
+    # (iter-1 and iter-1-curated, a regenerated iter-1) pushed under one --dataset_name.
+    shown = {str(row["instruction_id"]): _shown(review_fields(row)) for row in pairs}
     name = dataset_name or default_dataset_name(store, version)
     url = _url(client)
     with argilla_errors(url):
@@ -463,7 +465,7 @@ def pull_reviews(
         reviewed: dict[str, list[dict[str, Any]]] = {}
         for record in dataset.records(with_responses=True, with_suggestions=False):
             rid = str(record.id)
-            if rid not in known:
+            if shown.get(rid) != _shown(record.fields):
                 unknown.append(rid)
                 continue
             in_argilla.add(rid)
@@ -473,8 +475,9 @@ def pull_reviews(
     if unknown:
         raise TPODataError(
             f"Argilla dataset {name!r} has {len(unknown)} record(s) that are not pairs of version {version} "
-            f"(for example {', '.join(sorted(unknown)[:3])})",
-            "pull with the version that was pushed to this dataset, or pass the right --dataset_name",
+            f"(for example {', '.join(sorted(unknown)[:3])}: another id, or the same id showing another pair)",
+            "pull with the version that was pushed to this dataset, or pass the right --dataset_name "
+            "(left unset, each version gets its own dataset)",
         )
     missing = [i for i in ids if i not in in_argilla]
     counts = {
@@ -486,6 +489,10 @@ def pull_reviews(
     }
     items = [{"instruction_id": i, "responses": reviewed[i]} for i in ids if i in reviewed]
     return Reviews(items, counts, missing, name)
+
+
+def _shown(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _submitted_answers(record: rg.Record, client: rg.Argilla, reviewers: dict[Any, str]) -> list[dict[str, Any]]:
