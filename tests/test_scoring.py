@@ -279,6 +279,19 @@ def test_auto_rho_reports_when_unsatisfiable():
     assert (result.mean_chosen_length, result.mean_rejected_length) == (200.0, 100.0)
 
 
+def test_auto_rho_tunes_on_the_judged_pairs():
+    # The rejected parse failure's raw output (3000 chars) is no response length: counted, it
+    # would make rho 0 look satisfied while the judged pair keeps its longest answer.
+    failure = ([math.nan, 2.0, 1.0], [3000, 900, 200], [False, True, True])
+    judged = [([1.0, 0.9, 0.0], [300, 100, 200], [True] * 3), ([0.0, 1.0], [100, 100], [True] * 2)]
+    alone = auto_rho(judged)
+    assert alone.rho == pytest.approx(0.1) and alone.satisfied  # as in the first test above
+    result = auto_rho([failure, *judged])
+    assert (result.rho, result.satisfied, result.n_pairs) == (alone.rho, True, 2)
+    assert (result.mean_chosen_length, result.mean_rejected_length) == (
+        alone.mean_chosen_length, alone.mean_rejected_length)
+
+
 def test_auto_rho_tunes_on_the_pairs_that_are_written():
     # A long parse failure makes rho 0 look satisfied, but without rejecting parse
     # failures the written pair is (300 chars, 250 chars) until rho makes the 200-char one chosen.
@@ -318,9 +331,10 @@ def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures
     result = auto_rho(groups, **options)
 
     def holds(rho):
-        pairs = select_pairs(groups, rho, **options).pairs
-        return bool(pairs) and np.mean([p.chosen_length for _, p in pairs]) <= np.mean(
-            [p.rejected_length for _, p in pairs]
+        pairs = [p for _, p in select_pairs(groups, rho, **options).pairs]
+        pairs = [p for p in pairs if p.rejected_parsed] or pairs  # judged pairs, if any
+        return bool(pairs) and np.mean([p.chosen_length for p in pairs]) <= np.mean(
+            [p.rejected_length for p in pairs]
         )
 
     smaller = [r for r in DEFAULT_RHO_GRID if r < result.rho]

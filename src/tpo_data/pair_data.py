@@ -13,8 +13,8 @@ with reasons), then lay out
 - run statistics for the log and the store.
 
 A sample's length is its response length in characters; a parse failure has
-no response, so its whole raw output counts: that is what a reader sees, and
-a zero length would make failures look short to ``auto_rho``.
+no response, so its whole raw output counts: that is what a reader sees
+(``auto_rho`` tunes on the judged pairs, where this length does not enter).
 
 A sample is truncated when the engine reported that it stopped at the token
 limit (``steps.SplitThoughts``); under ``reject_truncated`` (the default) such

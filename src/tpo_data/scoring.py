@@ -235,10 +235,15 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
 
     ``groups`` holds one ``(scores, lengths, parsed[, truncated])`` per
     instruction. Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
-    does with the same options, so the condition holds for the
-    pairs that are written; pairs whose rejected sample is a parse failure count
-    too, with the length the caller passed for it. A rho that keeps no pair
-    cannot be checked and does not satisfy the condition.
+    does with the same options, so the condition is checked on the pairs that
+    are written. It is checked on the judged pairs, whose rejected sample has a
+    score that length control weighs: a rejected parse failure (or truncated
+    sample) has no response length comparable to the chosen one, and its long
+    raw output would satisfy the condition at rho 0 however long the judged
+    chosen responses are. Only when no pair is judged do all pairs count (with
+    the lengths the caller passed). A rho that keeps no pair cannot be checked
+    and does not satisfy the condition; ``n_pairs`` is the number of pairs the
+    condition was checked on.
     """
     # pairs builds on this module, so import it here to avoid an import cycle.
     from tpo_data.pairs import select_pairs
@@ -249,8 +254,10 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     for rho in values:
         selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures,
                                  length_breaks_ties=length_breaks_ties)
-        chosen = [p.chosen_length for _, p in selection.pairs]
-        rejected = [p.rejected_length for _, p in selection.pairs]
+        judged = [p for _, p in selection.pairs if p.rejected_parsed and not p.rejected_truncated]
+        measured = judged or [p for _, p in selection.pairs]
+        chosen = [p.chosen_length for p in measured]
+        rejected = [p.rejected_length for p in measured]
         mean_c = float(np.mean(chosen)) if chosen else math.nan
         mean_r = float(np.mean(rejected)) if rejected else math.nan
         result = AutoRho(rho, bool(chosen) and mean_c <= mean_r, mean_c, mean_r, len(chosen))
