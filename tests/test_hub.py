@@ -590,6 +590,7 @@ def test_tampered_version_is_not_published(
 # -- the pipeline's --push_to_hub (stand-in only) ---------------------------------------------
 
 TINY_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tpo-tiny-test.yaml")
+TINY_TRAIN = str(Path(__file__).resolve().parents[1] / "recipes" / "dpo-tiny-test.yaml")
 
 PUSH_ITERATION = """
 import json, sys
@@ -668,6 +669,35 @@ def test_pipeline_push_to_hub_is_idempotent(
     assert f"tag iter-1 in {repo} (commit {commit[:12]}) holds different data" in refused["error"]
     assert "--tag iter-1-rerun" in refused["error"] and "How to fix" in refused["error"]
     assert len(hub.history(repo)) == 2 and hub.repo(repo).tags == {"iter-1": commit}
+
+
+def test_loop_publishes_the_reviewed_version_it_trains_on(
+    standin: Backend, tiny_lm: Path, module_tmp: Path
+) -> None:
+    """--curation argilla with --push_to_hub: the reviewed copy M1 trains on is on the Hub too."""
+    from tiny_models import make_tiny_seqcls
+
+    from tpo_data.curation import apply_reviews
+
+    repo = standin.repo("tpo-loop-curated")
+    rm = make_tiny_seqcls(module_tmp / "loop-rm")
+    out = module_tmp / "loop-curated"
+    args = [*pipeline_args(tiny_lm, rm, out, "--push_to_hub", repo), "--iterations", "1", "--evaluate",
+            "false", "--curation", "argilla", "--train_config", TINY_TRAIN]
+    args[args.index("generate")] = "iterate"
+    waiting = run_client(standin, args, timeout=600)
+    assert waiting.returncode == 2 and "Version iter-1 waits for human review" in waiting.stderr
+    assert set(standin.hub.repo(repo).tags) == {"iter-1"}
+    store = LocalStore(out / "store")
+    first = store.load("iter-1", "pairs")[0]["instruction_id"]
+    no = {"reviewer": "ann", "label": "no", "flags": [], "note": None}
+    apply_reviews(store, "iter-1", [{"instruction_id": first, "responses": [no]}])
+    done = run_client(standin, args, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"Hub: published iter-1-curated to {repo}" in done.stdout
+    assert set(standin.hub.repo(repo).tags) == {"iter-1", "iter-1-curated"}
+    trained = json.loads((out / "models" / "iter-1" / "lineage.json").read_text())["dataset"]
+    assert trained["version"] == "iter-1-curated"
 
 
 def test_pipeline_push_to_hub_without_token_fails_before_generation(

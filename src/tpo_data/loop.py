@@ -236,6 +236,8 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         train_on = version
         if loop.curation == "argilla":
             train_on = _curated(store, version) or _wait_for_curation(store, version)
+            if run.push_to_hub:  # what M_t learns from is published beside what M_t-1 generated
+                print(hub.push_iteration(store, train_on, run.push_to_hub, private=run.hub_private))
         if (out / LINEAGE).is_file():
             _check_trained_on(out, store, train_on)
         else:
