@@ -252,6 +252,36 @@ def test_resuming_on_a_source_that_lost_recorded_ids_is_refused(tmp_path, builti
         select_iteration_rows(fewer, InstructionArguments(), ledger, 1)
 
 
+def test_a_source_edited_in_place_is_refused(tmp_path):
+    # Without an id column ids are row-<index>: a re-ordered file keeps every id and the count,
+    # but the ids now name other instructions, so "fresh" slices (and the holdout) would hold
+    # trained ones.
+    from tpo_data.evaluation import holdout_rows
+
+    source = tmp_path / "mine.jsonl"
+    texts = [f"Instruction number {i}?" for i in range(30)]
+    source.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
+    args = InstructionArguments(instructions=str(source), holdout_size=5, instructions_per_iteration=5)
+    out = tmp_path / "run"
+    out.mkdir()
+    select_iteration_rows(load_instructions(args), args, SliceLedger(out / "slices.json"), 1)
+    source.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in reversed(texts)))
+    with pytest.raises(TPODataError, match="different instruction source .*rows_sha256 was"):
+        select_iteration_rows(load_instructions(args), args, SliceLedger(out / "slices.json"), 2)
+    with pytest.raises(TPODataError, match="different instruction source .*rows_sha256 was"):
+        holdout_rows(args, 0, out)
+
+
+def test_a_ledger_from_before_rows_were_fingerprinted_still_resumes(tmp_path, builtin):
+    path = tmp_path / "ledger.json"
+    first = select_iteration_rows(builtin, InstructionArguments(), SliceLedger(path), 1)
+    data = json.loads(path.read_text())
+    del data["source"]["rows_sha256"]
+    path.write_text(json.dumps(data))
+    assert select_iteration_rows(builtin, InstructionArguments(), SliceLedger(path), 1) == first
+    assert select_iteration_rows(builtin, InstructionArguments(), SliceLedger(path), 2)
+
+
 def test_unreadable_ledger_is_reported(tmp_path):
     path = tmp_path / "ledger.json"
     path.write_text("{not json")

@@ -44,6 +44,7 @@ from tpo_data.instructions import (
     SliceLedger,
     load_instructions,
     select_holdout_rows,
+    source_fingerprint,
 )
 from tpo_data.judges import POLICY, JudgeArguments, judge_calls, judge_engine_args, judge_sampling
 from tpo_data.models import model_fingerprint, resolve_model
@@ -140,14 +141,17 @@ def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str 
             "evaluate on without testing on training data.",
             "Set --holdout_size (the built-in recipes hold out 40) before the first iteration.",
         )
-    rows = select_holdout_rows(load_instructions(instructions), instructions)
+    every = load_instructions(instructions)
+    rows = select_holdout_rows(every, instructions)
     rows = rows[:size] if size else rows
     # The holdout is recomputed from the flags: other flags than the loop's would move
-    # trained instructions into it.
+    # trained instructions into it, and an edited source would hide them under other ids.
     for ledger_path in (Path(output_dir) / "slices.json", baseline_dir(output_dir) / "slices.json"):
         if not ledger_path.is_file():
             continue
-        used = SliceLedger(ledger_path).used_ids()
+        ledger = SliceLedger(ledger_path)
+        ledger.check_source(source_fingerprint(every, instructions))
+        used = ledger.used_ids()
         trained = [r["id"] for r in rows if r["id"] in used]
         if trained:
             raise TPODataError(

@@ -479,10 +479,14 @@ class SliceLedger:
 
     def check_source(self, source_fingerprint: dict) -> None:
         """Raise unless the ledger is new or was written for this instruction source and plan."""
-        if self._source is not None and self._source != source_fingerprint:
+        if self._source is None:
+            return
+        # Keys a ledger written by an older version lacks are not compared.
+        current = {k: v for k, v in source_fingerprint.items() if k in self._source}
+        if self._source != current:
             raise TPODataError(
                 f"The slice ledger {self.path} was written for a different instruction source "
-                f"or slicing plan: {_differences(self._source, source_fingerprint)}.",
+                f"or slicing plan: {_differences(self._source, current)}.",
                 "Run with the same --instructions, column, revision, --holdout_size and "
                 "--slice_seed as before, or use a new output directory for a new run.",
             )
@@ -546,6 +550,10 @@ def source_fingerprint(rows: list[dict], args: InstructionArguments) -> dict:
         "category_column": args.instructions_category_column,
         "count": len(ids),
         "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        # Ids alone miss a source edited or re-ordered in place: row-<index> ids then name
+        # other instructions, and "fresh" slices would repeat trained ones.
+        "rows_sha256": hashlib.sha256("\n".join(sorted(
+            f"{row['id']}\0{row['category']}\0{row['instruction']}" for row in rows)).encode()).hexdigest(),
         # The holdout depends on these and on the categories: changing them
         # mid-run could move already-trained instructions into the evaluation set.
         "holdout_size": args.holdout_size,
