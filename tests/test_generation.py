@@ -110,6 +110,22 @@ def test_next_iteration_takes_fresh_instructions(tiny_lm, tmp_path):
     assert len(first) == len(second) == 4 and not first & second
 
 
+def test_an_unfinished_pass_is_not_replayed_for_other_settings(tiny_lm, tmp_path):
+    """A pass stopped before its first row reached the ledger leaves batches in distilabel's
+    cache; a rerun with another seed must generate afresh, not take them."""
+    out = tmp_path / "run"
+    args = ["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(out), "--num_samples", "2",
+            "--instructions_per_iteration", "2", "--temperature", "1.0"]
+    generate_main([*args, "--seed", "1"])
+    first = read_rows(out)
+    for name in ("generations.jsonl", "generation_spec.json"):  # as if stopped before any row finished
+        (out / "iter-1" / name).unlink()
+    generate_main([*args, "--seed", "2"])
+    second = read_rows(out)
+    assert [r["id"] for r in second] == [r["id"] for r in first]
+    assert [r["generation"] for r in second] != [r["generation"] for r in first]
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_lm, tmp_path):
     # With the judge step, so the checkpoints the resume relies on come after it.
     args = ["pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm), "--judge", "pairwise",

@@ -216,11 +216,14 @@ def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Pat
     return process.exitcode
 
 
-def _pass_name(iteration: int, ids: list[str], model_path: str) -> str:
+def _pass_name(iteration: int, ids: list[str], model_path: str, specs: list[dict[str, Any]]) -> str:
     # distilabel leaves the loaded data and the LLM's model out of its signature, so its
     # cache would hand one model's outputs to another on the same rows (as in an
-    # evaluation); the name carries both.
-    digest = hashlib.sha256("\n".join([str(model_path), *ids]).encode()).hexdigest()[:12]
+    # evaluation); the name carries both, and the settings the ledger checks (a server-side
+    # seed or a retrained model at the same path are in no step signature either): a pass
+    # interrupted before its first finished row must not feed its batches to other settings.
+    what = [str(model_path), json.dumps(specs, sort_keys=True, default=str), *ids]
+    digest = hashlib.sha256("\n".join(what).encode()).hexdigest()[:12]
     return f"tpo-iter{iteration}-{digest}"
 
 
@@ -362,9 +365,11 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     out_dir = out_dir or run.iteration_dir()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
-    check_resume(ledger, rows, generation_spec(prompt, sampling, engine.model, model_path))
+    specs = [generation_spec(prompt, sampling, engine.model, model_path)]
+    check_resume(ledger, rows, specs[0])
     if judged:
-        check_judge(ledger, judge_spec(judge, judge_path or model_path))
+        specs.append(judge_spec(judge, judge_path or model_path))
+        check_judge(ledger, specs[1])
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
     cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
     if pending:
@@ -380,7 +385,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
                 run.input_batch_size, out_dir, stack,
             ) if judged else None
             build = functools.partial(
-                build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending], model_path),
+                build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending], model_path, specs),
                 pending, prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
                 ledger.checkpoints, judge_step,
             )
