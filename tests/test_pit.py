@@ -393,6 +393,24 @@ def test_rl_step_both_rounds(pit_run, tmp_path):
     round2 = train_main([*round2_args, "--output_dir", str(tmp_path / "rl-2")])
     assert (round2 / "model.safetensors").is_file()
 
+    # References rebuilt for another split, with the same model and --output_dir: distilabel's
+    # cache must not hand back the answers for the old train instructions.
+    from tpo_data.pit_data import main as pipeline_main
+    from tpo_data.store import LocalStore
+
+    other = tmp_path / "other-store"
+    pipeline_main(["--config", RECIPE, "--preferences", str(pit_run["prefs"]), "--store", str(other),
+                   "--stage", "rows", "--split_seed", "3"])
+
+    def train_instructions(store):
+        return set(LocalStore(store).load("pit-sft-1", "train")["instruction"])
+
+    assert train_instructions(other) != train_instructions(pit_run["store"])
+    again = run_script("pipelines/pit.py", "--config", RECIPE, "--store", str(other), "--stage", "refs",
+                       "--model", str(round1), "--output_dir", str(tmp_path / "pipe"), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert set(LocalStore(other).load("pit-rl-refs-2", "train")["instruction"]) == train_instructions(other)
+
 
 def test_improve_cli(pit_run, capsys):
     from tpo_data.cli import main as cli_main

@@ -224,7 +224,7 @@ def sample_references(args: PITPipelineArguments, engine: EngineArguments, sampl
     from distilabel.steps import LoadDataFromDicts
     from distilabel.steps.tasks import TextGeneration
 
-    from tpo_data.models import resolve_model
+    from tpo_data.models import model_fingerprint, resolve_model
     from tpo_data.pipeline import start_endpoint
 
     store = LocalStore(args.store)
@@ -238,13 +238,24 @@ def sample_references(args: PITPipelineArguments, engine: EngineArguments, sampl
     with ExitStack() as stack:
         base_url, served = start_endpoint(engine, model_path, sampling, out_dir, stack)
         llm = build_llm(engine, sampling, model_path, base_url, served)
-        with Pipeline(name=f"pit-refs-{args.refs_version}", cache_dir=out_dir / ".distilabel-cache") as pipeline:
+        # distilabel's cache key leaves out the loaded rows and the model's weights: the name
+        # carries both, or a rebuilt version (other split, retrained model) gets the old answers.
+        digest = model_fingerprint(model_path, {"sampling": asdict(sampling), "rows": rows})
+        with Pipeline(name=f"pit-refs-{args.refs_version}-{digest}",
+                      cache_dir=out_dir / ".distilabel-cache") as pipeline:
             load = LoadDataFromDicts(name="load", data=rows, batch_size=args.input_batch_size)
             generate = TextGeneration(name="generate", llm=llm, num_generations=sampling.num_samples,
                                       group_generations=True, input_batch_size=args.input_batch_size)
             load >> generate
         distiset = _run_keeping_logging(pipeline)
     produced = list(distiset["default"]["train"]) if distiset else []
+    strays = sorted({str(r.get("id")) for r in produced} - {r["id"] for r in rows})
+    if strays:
+        raise TPODataError(
+            f"The pipeline returned answers for {len(strays)} instruction(s) not asked for "
+            f"(first: {strays[0]}); they came from an old cache.",
+            f"Delete {out_dir / '.distilabel-cache'} and rerun; nothing was written.",
+        )
     refs, failed = [], 0
     for row in produced:
         for index, text in enumerate(row.get("generation") or []):
