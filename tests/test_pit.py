@@ -190,6 +190,22 @@ def test_nan_scores_count_as_ties():
     assert _win_share(NaNJudge(), ["x"] * 4, ["long", "?", "ab", "ab"], ["s", "ab", "?", "cd"]) == 2.5 / 4
 
 
+def test_unchanged_answers_tie_under_a_reward_model(tmp_path):
+    # Scored in length-sorted batches, the two copies of an answer get padded to other widths
+    # and their scores differ in the last bits: without care an unchanged rewrite wins or loses.
+    from tiny_models import make_tiny_seqcls
+
+    from tpo_data.pit_eval import _win_share
+    from tpo_data.reward_models import RewardModelScorer
+
+    scorer = RewardModelScorer(str(make_tiny_seqcls(tmp_path / "rm")), batch_size=3)
+    answers = [" ".join(["word"] * n) for n in (2, 30, 5, 60, 11, 3, 45)]
+    assert _win_share(scorer, ["Explain."] * 7, answers, answers) == 0.5
+    changed = [*answers[:6], answers[6] + " more"]
+    share = _win_share(scorer, ["Explain."] * 7, changed, answers)
+    assert share in (3 / 7, 4 / 7)  # six ties, and the changed answer won or lost
+
+
 class _LengthJudge:
     calls = 0
 
