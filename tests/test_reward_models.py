@@ -212,6 +212,31 @@ def test_step_skips_rows_without_response(seqcls_dir, monkeypatch):
     assert isinstance(out[0]["score"], float) and out[1]["score"] is None and out[2]["score"] is None
 
 
+def test_group_judge_scores_identical_answers_alike(seqcls_dir):
+    # Sampled answers repeat. Scored apart, in batches padded to other widths, two copies differ
+    # in the last bits; scored once, equal answers tie and a group of them is dropped as all_equal.
+    from tpo_data.judges import JudgeArguments
+    from tpo_data.pair_data import build_iteration_data
+    from tpo_data.prompts import PRESETS
+    from tpo_data.reward_models import GroupRewardJudge
+
+    step = GroupRewardJudge(name="judge", model=str(seqcls_dir), batch_size=2)
+    step.load()
+    long_one = " ".join(["word"] * 60)
+    rows = [{"id": "q0", "category": "c", "instruction": "Explain.", "parsed": [True] * 5,
+             "responses": ["short", long_one, "short", "mid " * 9, "short"]},
+            {"id": "q1", "category": "c", "instruction": "Explain.", "parsed": [True] * 3,
+             "responses": [long_one] * 3}]
+    out = next(step.process(rows))
+    scores = out[0]["scores"]
+    assert scores[0] == scores[2] == scores[4] and out[1]["scores"][0] == scores[1]
+    assert [r["judge_calls"] for r in out] == [5, 3]
+    for row in out:
+        row.update(generation=list(row["responses"]), thoughts=[""] * len(row["responses"]))
+    data = build_iteration_data(out, PRESETS["direct"], JudgeArguments(judge="reward_model", rho="0"), 1)
+    assert [p["instruction_id"] for p in data.pairs] == ["q0"] and data.stats["drops"]["all_equal"] == 1
+
+
 def test_step_in_a_distilabel_pipeline(seqcls_dir, tmp_path):
     rows = [{"instruction": i, "response": r} for i, r in zip(INSTRUCTIONS, RESPONSES)]
     rows.append({"instruction": "Parse failure", "response": None})

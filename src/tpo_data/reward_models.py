@@ -437,8 +437,13 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         # One scorer call for the whole batch: it sorts by length, so padding stays small.
         flat = [(row, i) for row in inputs for i, ok in enumerate(row["parsed"]) if ok]
-        results = self._scorer.score_detailed([row["instruction"] for row, _ in flat],
-                                              [row["responses"][i] for row, i in flat])
+        pairs = [(row["instruction"], row["responses"][i]) for row, i in flat]
+        # Identical responses are scored once: scored apart, padded to other batch widths, they
+        # would differ in the last bits, and a group of equal answers would not tie (all_equal).
+        distinct = list(dict.fromkeys(pairs))
+        scored = dict(zip(distinct, self._scorer.score_detailed([p[0] for p in distinct],
+                                                                [p[1] for p in distinct])))
+        results = [scored[pair] for pair in pairs]
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
             row.update(dict.fromkeys(JUDGE_COUNTERS, 0))
