@@ -578,6 +578,14 @@ def test_pit_run_skips_finished_stages_and_redoes_stale_ones(tmp_path):
     late = [_marker_stage("sft", tmp_path, stamp=True), _marker_stage("rows", tmp_path, ["sft"], store_version=True)]
     with pytest.raises(TPODataError, match="Delete .*rows"):
         run_stages(late, times)
+    # So is one older than source data from outside the chain (a preference file rewritten in place).
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("{}")
+    reading = _marker_stage("rows", tmp_path, store_version=True)
+    reading.reads = [source]
+    os.utime(source, (time.time() + 120, time.time() + 120))
+    with pytest.raises(TPODataError, match=f"(?s)older than {re.escape(str(source))}, which changed.*Delete .*rows"):
+        run_stages([reading], times)
 
 
 def test_pit_run_redoes_a_stage_whose_recipe_settings_changed(tmp_path):
@@ -669,6 +677,12 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TPODataError, match="(?s)does not exist.*scripts/main.sh"):
         plan(tmp_path / "r.yaml")
+    # Once it exists, the rows stage reads it from outside the chain: its manifest dates it.
+    version = tmp_path / "tpo-smollm2" / "store" / "iter-1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    (rows,) = [s for s in plan(tmp_path / "r.yaml") if s.name == "rows"]
+    assert rows.reads == [version / "manifest.json"] and rows.needs == []
     recipe["prefs"] = {"output_dir": str(tmp_path / "elsewhere")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TPODataError, match="prefs stage writes"):

@@ -77,6 +77,7 @@ class Stage:
     store_version: bool = False  # never rewritten: stale means "delete it yourself"
     env: dict[str, str] = field(default_factory=dict)  # set for the command unless already set
     settings: dict[str, Any] = field(default_factory=dict)  # the recipe parts the command reads
+    reads: list[Path] = field(default_factory=list)  # files from outside the chain it reads
 
     @property
     def fingerprint(self) -> str:
@@ -145,9 +146,12 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # In-process torch stages (not the vLLM ones: vLLM binds its own threads).
     torch_env = {"OMP_NUM_THREADS": str(run["torch_threads"])} if run.get("torch_threads") else {}
 
+    # Without a prefs stage the preference data comes from outside: rewritten in place, it
+    # must make pit-sft-1 stale as a redone prefs stage would.
+    source = [] if prefs else [preferences / MANIFEST if preferences.is_dir() else preferences]
     stages.append(Stage("rows", [py, "pipelines/pit.py", "--config", recipe, "--stage", "rows"],
                         store / SFT_VERSION / MANIFEST, needs=first, store_version=True,
-                        settings={k: {**shared, **pipe}.get(k) for k in ROWS_KEYS}))
+                        settings={k: {**shared, **pipe}.get(k) for k in ROWS_KEYS}, reads=source))
     trainer = [py, "trainers/pit.py"]
     sft_dir, reward_dir = Path(sections["sft"]["output_dir"]), Path(sections["reward"]["output_dir"])
     rl1_dir, rl2_dir = Path(sections["rl"]["output_dir"]), Path(sections["rl2"]["output_dir"])
@@ -197,13 +201,14 @@ def is_done(stage: Stage, stages: dict[str, Stage], recorded: dict[str, Any] | N
                 f"Delete {stage.marker.parent} and rerun to rebuild it, or restore the recipe.")
         log.info("pit-run: %s: its recipe settings changed since it ran; redone", stage.name)
         return False
-    inputs = [_mtime(stages[n].marker) for n in stage.needs if n in stages]
-    stale = [n for n, t in zip(stage.needs, inputs) if t is not None and t > own]
+    inputs = {f"the output of {n}": _mtime(stages[n].marker) for n in stage.needs if n in stages}
+    inputs.update({str(path): _mtime(path) for path in stage.reads})
+    stale = [what for what, t in inputs.items() if t is not None and t > own]
     if not stale:
         return True
     if stage.store_version:
         raise TPODataError(
-            f"{stage.marker.parent} is older than the output of {', '.join(stale)}, which was redone.",
+            f"{stage.marker.parent} is older than {', '.join(stale)}, which changed since it was made.",
             f"Delete {stage.marker.parent} and rerun, so that {stage.name} is rebuilt from the new data.")
     return False
 
