@@ -456,3 +456,21 @@ def test_use_ray_without_ray_installed_names_the_fix(tiny_lm, tmp_path, monkeypa
     with pytest.raises(TPODataError, match=r"(?s)Ray is not installed.*pip install 'tpo-data\[ray\]'"):
         tpo_main(_args(tiny_lm, out, "--use_ray"))
     assert not (out / "iter-1" / "generations.jsonl").exists()
+
+
+def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplog):
+    from tpo_data.engines import EngineArguments
+    from tpo_data.pipeline import _warn_unreachable_servers
+
+    local_vllm = EngineArguments(engine="vllm")
+    judge = JudgeArguments(judge="pairwise", judge_model="embedded")
+    served = EngineArguments(engine="vllm", base_url="http://10.0.0.5:8000/v1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _warn_unreachable_servers(local_vllm, judge)  # a local Ray cluster reaches 127.0.0.1
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    _warn_unreachable_servers(served, JudgeArguments(judge="reward_model", judge_model="rm"))
+    assert not caplog.records
+    _warn_unreachable_servers(local_vllm, judge)
+    _warn_unreachable_servers(served, judge)
+    assert [r.getMessage().rsplit("pass ", 1)[1] for r in caplog.records] == [
+        "--base_url and --judge_base_url.", "--judge_base_url."]

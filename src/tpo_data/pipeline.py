@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -189,6 +190,21 @@ def require_ray() -> None:
             "--use_ray is set but Ray is not installed in this environment.",
             "Install it with `pip install 'tpo-data[ray]'` (distilabel's Ray extra), or drop --use_ray.",
         ) from None
+
+
+def _warn_unreachable_servers(engine: EngineArguments, judge: JudgeArguments | None) -> None:
+    """On a Ray cluster, a vLLM server this run starts listens on this machine's 127.0.0.1 only."""
+    local = []
+    if engine.engine == "vllm" and not engine.base_url:
+        local.append("--base_url")
+    if (judge is not None and judge.judge == "pairwise" and (judge.judge_engine or engine.engine) == "vllm"
+            and not judge.judge_base_url):
+        local.append("--judge_base_url")
+    if local and os.environ.get("RAY_ADDRESS"):
+        log.warning("--use_ray on the cluster at RAY_ADDRESS: the vLLM server(s) this run starts listen on "
+                    "127.0.0.1 of this machine, which steps placed on other nodes cannot reach. On a "
+                    "cluster of several nodes, serve the model(s) where every node reaches them and "
+                    "pass %s.", " and ".join(local))
 
 
 def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> int:
@@ -362,7 +378,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
 
     Everything is written to ``out_dir`` (default: the iteration's folder).
     """
-    out_dir = out_dir or run.iteration_dir()
+    out_dir = (out_dir or run.iteration_dir()).resolve()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
     specs = [generation_spec(prompt, sampling, engine.model, model_path)]
@@ -371,10 +387,12 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
         specs.append(judge_spec(judge, judge_path or model_path))
         check_judge(ledger, specs[1])
     pending = [r for r in rows if not ledger.finished(r["id"], judged)]
-    cache_dir = Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache"
+    # Absolute: under Ray the steps run in other processes, on a cluster in other working dirs.
+    cache_dir = (Path(run.cache_dir) if run.cache_dir else Path(run.output_dir) / ".distilabel-cache").resolve()
     if pending:
         if run.use_ray:
             require_ray()
+            _warn_unreachable_servers(engine, judge if judged else None)
         log.info("Generating %d samples for each of %d instructions (%d already done)",
                  sampling.num_samples, len(pending), len(rows) - len(pending))
         with ExitStack() as stack:
