@@ -266,8 +266,8 @@ def test_writer_losing_the_rename_race_gets_a_clear_error(tmp_path: Path) -> Non
     class RacedStore(LocalStore):
         checks = 0
 
-        def check_new(self, version: str) -> None:
-            super().check_new(version)
+        def check_new(self, version: str, flag: str | None = None) -> None:
+            super().check_new(version, flag)
             self.checks += 1
             if self.checks == 3:  # write_iteration, write_version, then the one before the rename
                 write_test_iteration(LocalStore(self.root), 2, version)
@@ -275,7 +275,7 @@ def test_writer_losing_the_rename_race_gets_a_clear_error(tmp_path: Path) -> Non
     store = RacedStore(tmp_path / "store")
     with pytest.raises(TPODataError, match="version iter-1 already exists") as err:
         write_test_iteration(store, 1)
-    assert "--version_name" in str(err.value)
+    assert "write it under another version name or to another store" in str(err.value)
     store.verify("iter-1")
     assert store.manifest("iter-1")["iteration"] == 2  # the winner's data, untouched
     assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
