@@ -162,6 +162,14 @@ def _row(scores, parsed, responses=None, generations=None, id_="x"):
     }
 
 
+def test_stats_say_when_auto_rho_had_nothing_to_tune_on():
+    row = _row([0.2, None, 0.9], [True, False, True], responses=["a", "", "bb"],
+               generations=["t Here is my response: a", "garbage output " * 20, "x Here is my response: bb"])
+    data = build_iteration_data([row], PRESETS["generic"], JudgeArguments(judge="reward_model"), iteration=1)
+    assert data.stats["rho_mode"] == "auto" and data.stats["rho_auto_satisfied"] is None
+    assert "rho: 0 (auto, not tuned: every pair rejects a parse failure" in format_stats(data.stats)
+
+
 def test_pair_data_drops_nan_and_rejects_parse_failures():
     rows = [
         _row([0.1, math.nan, 0.3], [True, True, True], id_="nan"),

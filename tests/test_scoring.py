@@ -292,6 +292,19 @@ def test_auto_rho_tunes_on_the_judged_pairs():
         alone.mean_chosen_length, alone.mean_rejected_length)
 
 
+def test_auto_rho_without_a_judged_pair_is_not_tuned():
+    # Every pair rejects a parse failure: no rejected response to compare, nothing is claimed.
+    groups = [([math.nan, 2.0, 1.0], [3000, 900, 200], [False, True, True]),
+              ([math.nan, 1.0, 0.5], [2500, 800, 150], [False, True, True])]
+    result = auto_rho(groups)
+    assert (result.rho, result.satisfied, result.n_pairs) == (0.0, None, 0)
+    # A truncated sample rejected in its place is a response (cut off), judged: it counts.
+    cut = ([1.0, 0.9, 0.0], [300, 100, 2000], [True, True, True], [False, False, True])
+    result = auto_rho([*groups, cut])
+    assert (result.rho, result.satisfied, result.n_pairs) == (0.0, True, 1)
+    assert (result.mean_chosen_length, result.mean_rejected_length) == (300.0, 2000.0)
+
+
 def test_auto_rho_tunes_on_the_pairs_that_are_written():
     # A long parse failure makes rho 0 look satisfied, but without rejecting parse
     # failures the written pair is (300 chars, 250 chars) until rho makes the 200-char one chosen.
@@ -330,12 +343,18 @@ def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures
     options = {"reject_parse_failures": reject_failures, "length_breaks_ties": length_ties}
     result = auto_rho(groups, **options)
 
+    def judged(rho):
+        return [p for _, p in select_pairs(groups, rho, **options).pairs if p.rejected_parsed]
+
     def holds(rho):
-        pairs = [p for _, p in select_pairs(groups, rho, **options).pairs]
-        pairs = [p for p in pairs if p.rejected_parsed] or pairs  # judged pairs, if any
+        pairs = judged(rho)
         return bool(pairs) and np.mean([p.chosen_length for p in pairs]) <= np.mean(
             [p.rejected_length for p in pairs]
         )
+
+    if select_pairs(groups, 0.0, **options).pairs and not judged(0.0):
+        assert (result.rho, result.satisfied) == (DEFAULT_RHO_GRID.min(), None)
+        return
 
     smaller = [r for r in DEFAULT_RHO_GRID if r < result.rho]
     assert not any(holds(r) for r in smaller)

@@ -152,7 +152,7 @@ class JudgeArguments:
         default="auto",
         metadata={"help": "Length control s = z(score) - rho * z(length): a number in [0, 0.5] "
                   "(0 disables it) or 'auto' (smallest rho with chosen not longer than rejected on "
-                  "average, over the pairs whose rejected sample was judged)."},
+                  "average, over the pairs whose rejected sample is a response, not a parse failure)."},
     )
     reject_parse_failures: bool = field(
         default=True,

@@ -219,11 +219,14 @@ class AutoRho:
 
     ``satisfied`` is False when no grid value makes chosen responses on
     average no longer than rejected ones; ``rho`` is then the grid maximum.
-    Means are over all pairs kept at ``rho`` (NaN when none is kept).
+    It is None when pairs were kept but none has a judged rejected sample (every
+    one rejects a parse failure): there is nothing to check, and ``rho`` is the
+    grid minimum. Means are over the ``n_pairs`` judged pairs kept at ``rho``
+    (NaN when there are none).
     """
 
     rho: float
-    satisfied: bool
+    satisfied: bool | None
     mean_chosen_length: float
     mean_rejected_length: float
     n_pairs: int
@@ -236,14 +239,12 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     ``groups`` holds one ``(scores, lengths, parsed[, truncated])`` per
     instruction. Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
     does with the same options, so the condition is checked on the pairs that
-    are written. It is checked on the judged pairs, whose rejected sample has a
-    score that length control weighs: a rejected parse failure (or truncated
-    sample) has no response length comparable to the chosen one, and its long
-    raw output would satisfy the condition at rho 0 however long the judged
-    chosen responses are. Only when no pair is judged do all pairs count (with
-    the lengths the caller passed). A rho that keeps no pair cannot be checked
-    and does not satisfy the condition; ``n_pairs`` is the number of pairs the
-    condition was checked on.
+    are written: on the judged ones, whose rejected sample is a response. A
+    rejected parse failure has no response, and its long raw output would
+    satisfy the condition at rho 0 however long the chosen responses are; when
+    every kept pair rejects one, the condition is not checked (``satisfied``
+    None, see :class:`AutoRho`). A rho that keeps no pair cannot be checked and
+    does not satisfy the condition.
     """
     # pairs builds on this module, so import it here to avoid an import cycle.
     from tpo_data.pairs import select_pairs
@@ -254,10 +255,12 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     for rho in values:
         selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures,
                                  length_breaks_ties=length_breaks_ties)
-        judged = [p for _, p in selection.pairs if p.rejected_parsed and not p.rejected_truncated]
-        measured = judged or [p for _, p in selection.pairs]
-        chosen = [p.chosen_length for p in measured]
-        rejected = [p.rejected_length for p in measured]
+        # Whether a pair rejects a parse failure does not depend on rho: checked once.
+        judged = [p for _, p in selection.pairs if p.rejected_parsed]
+        if selection.pairs and not judged:
+            return AutoRho(values[0], None, math.nan, math.nan, 0)
+        chosen = [p.chosen_length for p in judged]
+        rejected = [p.rejected_length for p in judged]
         mean_c = float(np.mean(chosen)) if chosen else math.nan
         mean_r = float(np.mean(rejected)) if rejected else math.nan
         result = AutoRho(rho, bool(chosen) and mean_c <= mean_r, mean_c, mean_r, len(chosen))
