@@ -131,7 +131,7 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     # A finished model is reused only with the data it was trained on: here another store's
     # iter-1 (the same samples, written anew) would be recorded as M1's training data.
-    with pytest.raises(TPODataError, match=r"(?s)trained on 'iter-1' of .*\(store, manifest_sha256 differ\).*remove \S+iter-1 to "):
+    with pytest.raises(TPODataError, match=r"(?s)trained on 'iter-1' of .*\(manifest_sha256 differs\).*remove \S+iter-1 to "):
         loop_main(_args(tiny_lm, rm, out, "--iterations", "2", "--store", str(tmp_path / "other")))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
@@ -196,6 +196,20 @@ def test_loop_with_curation_trains_on_the_reviewed_version(tiny_lm, tmp_path):
     assert (manifest["parent_model"], manifest["parent_version"]) == (str(m1), "iter-1-curated")
     entry = json.loads((out / "lineage.json").read_text())["iterations"][0]
     assert (entry["version"], entry["trained_on"]) == ("iter-1", "iter-1-curated")
+
+
+def test_parent_version_is_only_named_within_its_own_store(tmp_path):
+    # A run seeded with another run's model: that model's "iter-2" is no version of this store.
+    from tpo_data.iteration import trained_on
+
+    mine, other, model = LocalStore(tmp_path / "mine"), tmp_path / "other", tmp_path / "model"
+    model.mkdir()
+    for dataset, expected in (({"source": "store", "store": str(mine.root), "version": "iter-2"}, "iter-2"),
+                              ({"source": "store", "store": str(other), "version": "iter-2"}, None),
+                              ({"source": "hub", "repo": "u/d", "revision": "iter-2"}, None)):
+        (model / "lineage.json").write_text(json.dumps({"dataset": dataset}))
+        assert trained_on(str(model), mine) == expected
+    assert trained_on(str(tmp_path / "base-model"), mine) is None
 
 
 def test_loop_needs_a_judge_and_iterations(tiny_lm, tmp_path):

@@ -146,21 +146,24 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
             seed=sampling.seed,
             instruction_slice={"iteration": run.iteration, "ids": [r["id"] for r in result.rows]},
             pipeline_yaml=pipeline_yaml.read_text() if pipeline_yaml.is_file() else None,
-            parent_version=trained_on(engine.model),
+            parent_version=trained_on(engine.model, store),
         )
     data.stats["store"] = str(store.root / version)
     stats_path.write_text(json.dumps(data.stats, indent=2, default=str))
     return data.stats
 
 
-def trained_on(model: str) -> str | None:
-    """The dataset version a model trained by this project learnt from (``iter-1-curated`` under
-    curation), from its lineage.json; None for any other model (M0)."""
+def trained_on(model: str, store: LocalStore) -> str | None:
+    """The version of ``store`` a model trained by this project learnt from (``iter-1-curated``
+    under curation), from its lineage.json; None for any other model (M0, or a model trained on
+    another store's data or the Hub's, whose version names mean nothing here)."""
     lineage = Path(model) / LINEAGE
     if not lineage.is_file():
         return None
     dataset = json.loads(lineage.read_text()).get("dataset") or {}
-    return dataset.get("version") or dataset.get("revision")
+    if dataset.get("source") != "store" or Path(dataset.get("store", "")).resolve() != store.root.resolve():
+        return None
+    return dataset.get("version")
 
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
