@@ -491,3 +491,13 @@ def test_pull_refuses_records_of_another_version(owner, workspace, tmp_path):
     with pytest.raises(TPODataError, match=r"1 record\(s\) that are not pairs of version iter-1-curated "
                                            r"\(for example q0: another id, or the same id showing another pair"):
         pull_reviews(store, curated, owner, dataset.name)
+    # Records without answers may show another pair (an upsert is how a push updates them) ...
+    push_for_review(store, curated, owner, workspace=workspace, dataset_name=dataset.name)
+    flipped = rows_by_id(store.load(curated, "pairs"))["q0"]["chosen_response"]
+    assert records_by_id(dataset)["q0"].fields["chosen_response"] == flipped
+    # ... answered ones may not: Argilla would keep the answer beside a pair its reviewer never saw.
+    submit(new_reviewer(owner, workspace), records_by_id(dataset)["q0"], "no")
+    with pytest.raises(TPODataError, match=r"answered records that show other pairs under the same ids "
+                                           r"\(1, for example q0\)"):
+        push_for_review(store, "iter-1", owner, workspace=workspace, dataset_name=dataset.name)
+    assert records_by_id(dataset)["q0"].fields["chosen_response"] == flipped

@@ -53,6 +53,7 @@ from tpo_data.secrets import register, scrub
 
 if TYPE_CHECKING:
     import argilla as rg
+    import datasets
 
     from tpo_data.store import LocalStore
 
@@ -401,11 +402,30 @@ def push_for_review(
                     "push under a new name (--dataset_name), or delete that dataset in the Argilla UI "
                     "(Dataset settings > Delete) if its answers are not needed",
                 )
+            _refuse_answered_changes(dataset, pairs.select(picked), name)
         records = [_record(row) for row in pairs.select(picked)]
         if records:
             # batch_size <= len(records) avoids the SDK's "batch size normalized" warning.
             dataset.records.log(records, batch_size=min(len(records), 256))
     return dataset
+
+
+def _refuse_answered_changes(dataset: rg.Dataset, rows: datasets.Dataset, name: str) -> None:
+    """Refuse to show other pairs in records that have answers: Argilla's upsert replaces a
+    record's fields and keeps its answers, which would then be about pairs nobody saw."""
+    shown = {str(row["instruction_id"]): _shown(review_fields(row)) for row in rows}
+    changed = sorted(
+        str(record.id) for record in dataset.records(with_responses=True, with_suggestions=False)
+        if str(record.id) in shown and _shown(record.fields) != shown[str(record.id)]
+        and any(getattr(r.status, "value", r.status) == "submitted" for r in record.responses)
+    )
+    if changed:
+        raise TPODataError(
+            f"Argilla dataset {name!r} has answered records that show other pairs under the same ids "
+            f"({len(changed)}, for example {', '.join(changed[:3])}): pushing would keep those answers "
+            "on pairs their reviewers never saw",
+            "push under a new name (--dataset-name), or leave it unset: each version gets its own dataset",
+        )
 
 
 # ---------------------------------------------------------------------------
