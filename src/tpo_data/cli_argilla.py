@@ -44,7 +44,7 @@ def add_cli(subparsers: Any) -> None:
 
     push = commands.add_parser(
         "push",
-        help="create or update the review dataset of a version",
+        help="Create or update the review dataset of a version.",
         description="Log the version's pairs as Argilla records (id = instruction_id, so pushing again updates "
         "records and keeps answers). The judge's choice is pre-filled as a suggestion.",
     )
@@ -61,7 +61,7 @@ def add_cli(subparsers: Any) -> None:
 
     pull = commands.add_parser(
         "pull",
-        help="download submitted answers to <store>/reviews/<version>.json",
+        help="Download submitted answers to <store>/reviews/<version>.json.",
         description="Collect the submitted answers per pair (label, flags, note, reviewer). Records deleted in "
         "Argilla count as missing; their pairs stay as they are.",
     )
@@ -70,7 +70,7 @@ def add_cli(subparsers: Any) -> None:
 
     apply = commands.add_parser(
         "apply",
-        help="write the curated version from the pulled reviews",
+        help="Write the curated version from the pulled reviews.",
         description="Write a new version: 'no' flips (or drops) the pair, 'tie' and any flag drop it, "
         "unreviewed pairs are kept. Multiple reviewers: majority label, a split vote counts as tie.",
     )
