@@ -47,7 +47,8 @@ def test_win_rate_and_interval():
     assert w.rate == pytest.approx(0.625) and w.n == 4 and w.wins == 2 and w.losses == 1
     sd = math.sqrt(sum((x - 0.625) ** 2 for x in [1.0, 1.0, 0.5, 0.0]) / 3)
     assert w.ci95 == pytest.approx(1.96 * sd / 2)
-    assert w.as_dict()["ties"] == 1
+    assert w.as_dict()["split_or_tied"] == 1
+    assert win_rate([1.0, 0.75, 0.25, 0.5]).as_dict()["split_or_tied"] == 3  # not only true ties
     empty = win_rate([])
     assert empty.n == 0 and math.isnan(empty.rate)
     single = win_rate([1.0])  # no spread to estimate from one instruction

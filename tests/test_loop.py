@@ -149,7 +149,8 @@ def test_loop_trains_resumes_and_evaluates(tiny_lm, tmp_path, capsys):
                 for f in m1_folders]
     assert len(m1_folders) == 2 and shown("M2")[1] in answered
     # Other slicing flags than the loop's would evaluate on trained instructions: refused.
-    with pytest.raises(TPODataError, match=r"held-out instructions were trained on .*slices\.json"):
+    with pytest.raises(TPODataError, match=r"slices\.json was written for a different instruction source or "
+                                           r"slicing plan: holdout_size was 8, now 300"):
         eval_main([*eval_args, "--model", str(tiny_lm), "--holdout_size", "300"])
 
     # M1 retrained at the same path is another generator: iteration 2's samples (from the

@@ -41,7 +41,9 @@ class WinRate:
 
     def as_dict(self) -> dict:
         return {"win_rate": self.rate, "n": self.n, "ci95": self.ci95,
-                "wins": self.wins, "losses": self.losses, "ties": self.n - self.wins - self.losses}
+                "wins": self.wins, "losses": self.losses,
+                # Neither won nor lost in both orders: tied, or won one order and tied or lost the other.
+                "split_or_tied": self.n - self.wins - self.losses}
 
 
 def win_rate(outcomes: Sequence[float]) -> WinRate:
