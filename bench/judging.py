@@ -410,7 +410,9 @@ def rm_throughput_report(args: argparse.Namespace) -> dict[str, Any]:
     batch_size, device = args.rm_batch_size, args.rm_device
 
     ours = RewardModelScorer(str(model_dir), batch_size=batch_size, device=device, dtype="float32")
-    upstream = RewardModelScoreTF5(name="rm_bench", model=str(model_dir), torch_dtype="float32")
+    # The same cut for both (nothing is cut at the defaults; a larger --rm-max-words would).
+    upstream = RewardModelScoreTF5(name="rm_bench", model=str(model_dir), torch_dtype="float32",
+                                   truncation=True, max_length=ours.max_length)
     upstream.load()
     upstream._model.to(device)
 
