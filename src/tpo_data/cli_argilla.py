@@ -20,7 +20,7 @@ from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
 from tpo_data.secrets import scrub
 
-_STORE_HELP = "the local store folder that holds the version (for example outputs/store/<dataset-name>)"
+_STORE_HELP = "the local store folder that holds the version (<output_dir>/store, for example outputs/tpo-smollm2/store)"
 _NAME_HELP = ("Argilla dataset name (default: tpo-<run folder>-<version>-<digest of the version's "
               "manifest>, one name per version)")
 _WORKSPACE_HELP = "Argilla workspace (default: the dataset's, or the first workspace when creating it)"

@@ -18,7 +18,7 @@ from tpo_data.errors import TPODataError
 from tpo_data.secrets import scrub
 
 _SOURCE_HELP = (
-    "read local versions from this store folder (for example outputs/store/<dataset-name>)"
+    "read local versions from this store folder (<output_dir>/store, for example outputs/tpo-smollm2/store)"
 )
 _REPO_HELP = (
     "read published versions from this Hub dataset repo (user/name) instead of a local store"
@@ -89,7 +89,7 @@ def _source(args: argparse.Namespace) -> None:
     if not (args.store or args.repo):
         raise TPODataError(
             "no source given",
-            "pass --store outputs/store/<dataset-name> for local versions or --repo user/name",
+            "pass --store <output_dir>/store for local versions or --repo user/name",
         )
 
 
