@@ -305,6 +305,16 @@ def test_auto_rho_without_a_judged_pair_is_not_tuned():
     assert (result.mean_chosen_length, result.mean_rejected_length) == (300.0, 2000.0)
 
 
+def test_auto_rho_checks_pairs_that_only_larger_rho_keeps():
+    # With length_breaks_ties an equal-score group is a pair only from rho > 0: a group that
+    # rejects a parse failure beside it must not stop the search at rho 0 as "not tuned".
+    tie = ([1.0, 1.0], [100, 300], [True, True])
+    failure = ([math.nan, 2.0, 1.0], [3000, 900, 200], [False, True, True])
+    alone = auto_rho([tie], length_breaks_ties=True)
+    assert alone.rho > 0 and alone.satisfied and alone.n_pairs == 1
+    assert auto_rho([tie, failure], length_breaks_ties=True) == alone
+
+
 def test_auto_rho_tunes_on_the_pairs_that_are_written():
     # A long parse failure makes rho 0 look satisfied, but without rejecting parse
     # failures the written pair is (300 chars, 250 chars) until rho makes the 200-char one chosen.
@@ -352,15 +362,18 @@ def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures
             [p.rejected_length for p in pairs]
         )
 
-    if select_pairs(groups, 0.0, **options).pairs and not judged(0.0):
-        assert (result.rho, result.satisfied) == (DEFAULT_RHO_GRID.min(), None)
+    checkable = [r for r in DEFAULT_RHO_GRID if judged(r)]
+    if not checkable:
+        kept = any(select_pairs(groups, r, **options).pairs for r in DEFAULT_RHO_GRID)
+        expected = (DEFAULT_RHO_GRID.min(), None) if kept else (DEFAULT_RHO_GRID.max(), False)
+        assert (result.rho, result.satisfied) == expected
         return
 
     smaller = [r for r in DEFAULT_RHO_GRID if r < result.rho]
     assert not any(holds(r) for r in smaller)
     assert holds(result.rho) == result.satisfied
     if not result.satisfied:
-        assert result.rho == DEFAULT_RHO_GRID.max()
+        assert result.rho == max(checkable)
 
 
 # --- position bias --------------------------------------------------------------

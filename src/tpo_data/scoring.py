@@ -218,8 +218,9 @@ class AutoRho:
     """Outcome of :func:`auto_rho`.
 
     ``satisfied`` is False when no grid value makes chosen responses on
-    average no longer than rejected ones; ``rho`` is then the grid maximum.
-    It is None when pairs were kept but none has a judged rejected sample (every
+    average no longer than rejected ones; ``rho`` is then the largest grid value
+    it could check (the grid maximum when none kept a pair). It is None when
+    pairs were kept but at no grid value has one a judged rejected sample (every
     one rejects a parse failure): there is nothing to check, and ``rho`` is the
     grid minimum. Means are over the ``n_pairs`` judged pairs kept at ``rho``
     (NaN when there are none).
@@ -252,18 +253,21 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     values = sorted({validate_rho(float(r)) for r in grid})
     if not values:
         raise TPODataError("auto_rho got an empty rho grid.", "Pass at least one rho in [0, 0.5].")
+    result, kept = None, False
     for rho in values:
         selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures,
                                  length_breaks_ties=length_breaks_ties)
-        # Whether a pair rejects a parse failure does not depend on rho: checked once.
+        kept = kept or bool(selection.pairs)
         judged = [p for _, p in selection.pairs if p.rejected_parsed]
-        if selection.pairs and not judged:
-            return AutoRho(values[0], None, math.nan, math.nan, 0)
-        chosen = [p.chosen_length for p in judged]
-        rejected = [p.rejected_length for p in judged]
-        mean_c = float(np.mean(chosen)) if chosen else math.nan
-        mean_r = float(np.mean(rejected)) if rejected else math.nan
-        result = AutoRho(rho, bool(chosen) and mean_c <= mean_r, mean_c, mean_r, len(chosen))
+        if not judged:  # nothing to check at this rho (length_breaks_ties adds pairs from rho > 0)
+            continue
+        mean_c = float(np.mean([p.chosen_length for p in judged]))
+        mean_r = float(np.mean([p.rejected_length for p in judged]))
+        result = AutoRho(rho, mean_c <= mean_r, mean_c, mean_r, len(judged))
         if result.satisfied:
             return result
-    return result  # the grid maximum, unsatisfied
+    if result is not None:
+        return result  # the largest rho it could check, unsatisfied
+    if kept:
+        return AutoRho(values[0], None, math.nan, math.nan, 0)
+    return AutoRho(values[-1], False, math.nan, math.nan, 0)
