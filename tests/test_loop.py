@@ -203,10 +203,20 @@ def test_parent_version_is_only_named_within_its_own_store(tmp_path):
     # A run seeded with another run's model: that model's "iter-2" is no version of this store.
     from tpo_data.iteration import trained_on
 
-    mine, other, model = LocalStore(tmp_path / "mine"), tmp_path / "other", tmp_path / "model"
+    from test_store import write_test_iteration
+
+    from tpo_data.store import MANIFEST, sha256_file
+
+    mine, other, model = LocalStore(tmp_path / "mine"), LocalStore(tmp_path / "other"), tmp_path / "model"
+    for store in (mine, other):
+        write_test_iteration(store, 2)
     model.mkdir()
-    for dataset, expected in (({"source": "store", "store": str(mine.root), "version": "iter-2"}, "iter-2"),
-                              ({"source": "store", "store": str(other), "version": "iter-2"}, None),
+    sha = {s: sha256_file(s.path("iter-2") / MANIFEST) for s in (mine, other)}
+    moved = str(tmp_path / "moved-since")  # the path it was trained from: a moved folder, same data
+    for dataset, expected in (({"source": "store", "store": moved, "version": "iter-2", "manifest_sha256": sha[mine]},
+                               "iter-2"),
+                              ({"source": "store", "store": str(other.root), "version": "iter-2",
+                                "manifest_sha256": sha[other]}, None),
                               ({"source": "hub", "repo": "u/d", "revision": "iter-2"}, None)):
         (model / "lineage.json").write_text(json.dumps({"dataset": dataset}))
         assert trained_on(str(model), mine) == expected

@@ -36,7 +36,7 @@ from tpo_data.pair_data import (
 )
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
-from tpo_data.store import MANIFEST, LocalStore, write_iteration
+from tpo_data.store import MANIFEST, LocalStore, sha256_file, write_iteration
 from tpo_data.training import LINEAGE
 
 log = logging.getLogger("tpo_data")
@@ -156,14 +156,16 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
 def trained_on(model: str, store: LocalStore) -> str | None:
     """The version of ``store`` a model trained by this project learnt from (``iter-1-curated``
     under curation), from its lineage.json; None for any other model (M0, or a model trained on
-    another store's data or the Hub's, whose version names mean nothing here)."""
+    another store's data or the Hub's, whose version names mean nothing here). Matched on the
+    version's manifest sha, not the store's path: a moved output folder holds the same data."""
     lineage = Path(model) / LINEAGE
     if not lineage.is_file():
         return None
     dataset = json.loads(lineage.read_text()).get("dataset") or {}
-    if dataset.get("source") != "store" or Path(dataset.get("store", "")).resolve() != store.root.resolve():
+    version = dataset.get("version")
+    if dataset.get("source") != "store" or not version or not (store.root / version / MANIFEST).is_file():
         return None
-    return dataset.get("version")
+    return version if sha256_file(store.root / version / MANIFEST) == dataset.get("manifest_sha256") else None
 
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
