@@ -248,7 +248,7 @@ def test_resuming_on_a_source_that_lost_recorded_ids_is_refused(tmp_path, builti
     ledger = SliceLedger(tmp_path / "ledger.json")
     (first, *_) = select_iteration_rows(builtin, InstructionArguments(), ledger, 1)
     fewer = [row for row in builtin if row["id"] != first["id"]]
-    with pytest.raises(TPODataError, match="different instruction source .* count was 320, now 319"):
+    with pytest.raises(TPODataError, match="instruction source changed since .* count was 320, now 319"):
         select_iteration_rows(fewer, InstructionArguments(), ledger, 1)
 
 
@@ -266,9 +266,11 @@ def test_a_source_edited_in_place_is_refused(tmp_path):
     out.mkdir()
     select_iteration_rows(load_instructions(args), args, SliceLedger(out / "slices.json"), 1)
     source.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in reversed(texts)))
-    with pytest.raises(TPODataError, match="different instruction source .*rows_sha256 was"):
+    with pytest.raises(TPODataError, match=r"(?s)instruction source changed since .*re-ordered.*rows_sha256 was"
+                                           r".*Restore the source the run started with, or use a new output"):
         select_iteration_rows(load_instructions(args), args, SliceLedger(out / "slices.json"), 2)
-    with pytest.raises(TPODataError, match="different instruction source .*rows_sha256 was"):
+    with pytest.raises(TPODataError, match=r"(?s)instruction source changed.*Restore the source the run started "
+                                           r"with, or evaluate another run's models with their own output"):
         holdout_rows(args, 0, out)
 
 

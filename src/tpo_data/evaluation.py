@@ -150,7 +150,8 @@ def holdout_rows(instructions: InstructionArguments, size: int, output_dir: str 
         if not ledger_path.is_file():
             continue
         ledger = SliceLedger(ledger_path)
-        ledger.check_source(source_fingerprint(every, instructions))
+        ledger.check_source(source_fingerprint(every, instructions),
+                            "evaluate another run's models with their own output directory")
         used = ledger.used_ids()
         trained = [r["id"] for r in rows if r["id"] in used]
         if trained:

@@ -477,19 +477,32 @@ class SliceLedger:
         ids = self._iterations.get(iteration)
         return None if ids is None else list(ids)
 
-    def check_source(self, source_fingerprint: dict) -> None:
-        """Raise unless the ledger is new or was written for this instruction source and plan."""
+    def check_source(self, source_fingerprint: dict, new_run: str = "use a new output directory for a "
+                     "new run") -> None:
+        """Raise unless the ledger is new or was written for this instruction source and plan.
+
+        ``new_run`` ends the error's fix: the way out when the change was meant.
+        """
         if self._source is None:
             return
         # Keys a ledger written by an older version lacks are not compared.
         current = {k: v for k, v in source_fingerprint.items() if k in self._source}
-        if self._source != current:
+        differ = {k for k in self._source if self._source[k] != current.get(k)}
+        if not differ:
+            return
+        if differ <= {"count", "ids_sha256", "rows_sha256"}:
             raise TPODataError(
-                f"The slice ledger {self.path} was written for a different instruction source "
-                f"or slicing plan: {_differences(self._source, current)}.",
-                "Run with the same --instructions, column, revision, --holdout_size and "
-                "--slice_seed as before, or use a new output directory for a new run.",
+                f"The instruction source changed since the slice ledger {self.path} was written "
+                f"(same flags, other content: rows edited, re-ordered, added or removed; "
+                f"{_differences(self._source, current)}): its ids may now name other instructions.",
+                f"Restore the source the run started with, or {new_run}.",
             )
+        raise TPODataError(
+            f"The slice ledger {self.path} was written for a different instruction source "
+            f"or slicing plan: {_differences(self._source, current)}.",
+            f"Run with the same --instructions, column, revision, --holdout_size and --slice_seed as "
+            f"before, or {new_run}.",
+        )
 
     def record(self, iteration: int, ids: list[str], source_fingerprint: dict) -> None:
         """Record ``ids`` for ``iteration``; recording the same thing again is a no-op."""
