@@ -474,11 +474,13 @@ def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplo
     judge = JudgeArguments(judge="pairwise", judge_model="embedded")
     served = EngineArguments(engine="vllm", base_url="http://10.0.0.5:8000/v1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    _warn_unreachable_servers(local_vllm, judge)  # a local Ray cluster reaches 127.0.0.1
+    _warn_unreachable_servers(local_vllm, judge, False)  # a local Ray cluster reaches 127.0.0.1
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    _warn_unreachable_servers(served, JudgeArguments(judge="reward_model", judge_model="rm"))
+    _warn_unreachable_servers(served, JudgeArguments(judge="reward_model", judge_model="rm"), False)
+    _warn_unreachable_servers(served, judge, True)  # the judge is the policy: it shares its server
     assert not caplog.records
-    _warn_unreachable_servers(local_vllm, judge)
-    _warn_unreachable_servers(served, judge)
+    _warn_unreachable_servers(local_vllm, judge, False)
+    _warn_unreachable_servers(local_vllm, judge, True)
+    _warn_unreachable_servers(served, judge, False)
     assert [r.getMessage().rsplit("pass ", 1)[1] for r in caplog.records] == [
-        "--base_url and --judge_base_url.", "--judge_base_url."]
+        "--base_url and --judge_base_url.", "--base_url.", "--judge_base_url."]

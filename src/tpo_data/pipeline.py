@@ -192,14 +192,15 @@ def require_ray() -> None:
         ) from None
 
 
-def _warn_unreachable_servers(engine: EngineArguments, judge: JudgeArguments | None) -> None:
+def _warn_unreachable_servers(engine: EngineArguments, judge: JudgeArguments | None, same_model: bool) -> None:
     """On a Ray cluster, a vLLM server this run starts listens on this machine's 127.0.0.1 only."""
     local = []
     if engine.engine == "vllm" and not engine.base_url:
         local.append("--base_url")
-    if (judge is not None and judge.judge == "pairwise" and (judge.judge_engine or engine.engine) == "vllm"
-            and not judge.judge_base_url):
-        local.append("--judge_base_url")
+    if judge is not None and judge.judge == "pairwise":
+        args, reuse = judge_engine_args(judge, engine, same_model)
+        if not reuse and args.engine == "vllm" and not args.base_url:  # a judge server of its own
+            local.append("--judge_base_url")
     if local and os.environ.get("RAY_ADDRESS"):
         log.warning("--use_ray on the cluster at RAY_ADDRESS: the vLLM server(s) this run starts listen on "
                     "127.0.0.1 of this machine, which steps placed on other nodes cannot reach. On a "
@@ -392,7 +393,7 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
     if pending:
         if run.use_ray:
             require_ray()
-            _warn_unreachable_servers(engine, judge if judged else None)
+            _warn_unreachable_servers(engine, judge if judged else None, (judge_path or model_path) == model_path)
         log.info("Generating %d samples for each of %d instructions (%d already done)",
                  sampling.num_samples, len(pending), len(rows) - len(pending))
         with ExitStack() as stack:
