@@ -497,7 +497,7 @@ def test_pull_refuses_records_of_another_version(owner, workspace, tmp_path):
     assert records_by_id(dataset)["q0"].fields["chosen_response"] == flipped
     # ... answered ones may not: Argilla would keep the answer beside a pair its reviewer never saw.
     submit(new_reviewer(owner, workspace), records_by_id(dataset)["q0"], "no")
-    with pytest.raises(TPODataError, match=r"answered records that show other pairs under the same ids "
-                                           r"\(1, for example q0\)"):
+    with pytest.raises(TPODataError, match=r"answered records \(submitted, draft or discarded\) that show "
+                                           r"other pairs under the same ids \(1, for example q0\)"):
         push_for_review(store, "iter-1", owner, workspace=workspace, dataset_name=dataset.name)
     assert records_by_id(dataset)["q0"].fields["chosen_response"] == flipped

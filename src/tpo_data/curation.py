@@ -417,11 +417,12 @@ def _refuse_answered_changes(dataset: rg.Dataset, rows: datasets.Dataset, name: 
     changed = sorted(
         str(record.id) for record in dataset.records(with_responses=True, with_suggestions=False)
         if str(record.id) in shown and _shown(record.fields) != shown[str(record.id)]
-        and any(getattr(r.status, "value", r.status) == "submitted" for r in record.responses)
+        and any(True for _ in record.responses)  # submitted, draft or discarded: all were about the old pair
     )
     if changed:
         raise TPODataError(
-            f"Argilla dataset {name!r} has answered records that show other pairs under the same ids "
+            f"Argilla dataset {name!r} has answered records (submitted, draft or discarded) that show other "
+            "pairs under the same ids "
             f"({len(changed)}, for example {', '.join(changed[:3])}): pushing would keep those answers "
             "on pairs their reviewers never saw",
             "push under a new name (--dataset-name), or leave it unset: each version gets its own dataset",
