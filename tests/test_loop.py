@@ -208,8 +208,8 @@ def test_parent_version_is_only_named_within_its_own_store(tmp_path):
     from tpo_data.store import MANIFEST, sha256_file
 
     mine, other, model = LocalStore(tmp_path / "mine"), LocalStore(tmp_path / "other"), tmp_path / "model"
-    for store in (mine, other):
-        write_test_iteration(store, 2)
+    write_test_iteration(mine, 2)
+    write_test_iteration(other, 3, "iter-2")  # the same name, other data (identical data would match)
     model.mkdir()
     sha = {s: sha256_file(s.path("iter-2") / MANIFEST) for s in (mine, other)}
     moved = str(tmp_path / "moved-since")  # the path it was trained from: a moved folder, same data
