@@ -287,14 +287,12 @@ def _win_share(judge: Any, instructions: Sequence[str], new: Sequence[str], old:
     if hasattr(judge, "compare"):
         outcomes = judge.compare(list(instructions), list(new), list(old))
         return sum(outcomes) / len(outcomes)
-    # An unchanged answer ties without scoring: scored in batches of other padded widths, the
-    # two copies differ in the last float bits and one would win.
-    todo = [i for i, (x, y) in enumerate(zip(new, old)) if x != y]
-    scores = judge.score([instructions[i] for i in todo] * 2, [new[i] for i in todo] + [old[i] for i in todo])
-    a, b = scores[: len(todo)], scores[len(todo):]
+    # An unchanged answer ties: the scorer gives identical pairs one score.
+    scores = judge.score(list(instructions) * 2, list(new) + list(old))
+    a, b = scores[: len(new)], scores[len(new):]
     # A NaN score (either side) says nothing about the pair: a tie, as for an unusable verdict.
     wins = sum(0.5 if math.isnan(x) or math.isnan(y) or x == y else float(x > y) for x, y in zip(a, b))
-    return (wins + 0.5 * (len(new) - len(todo))) / len(new)
+    return wins / len(new)
 
 
 def _mean_chars(texts: Sequence[str]) -> float:

@@ -237,12 +237,16 @@ class RewardModelScorer:
         """Token ids per pair, cut to ``max_length``."""
         return self._cut(self._token_ids(instructions, responses))
 
-    def _token_ids(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
+    @staticmethod
+    def _check_lengths(instructions: list[str], responses: list[str]) -> None:
         if len(instructions) != len(responses):
             raise TPODataError(
                 f"Got {len(instructions)} instructions but {len(responses)} responses.",
                 "Pass one instruction per response (repeat the instruction for each of its K samples).",
             )
+
+    def _token_ids(self, instructions: list[str], responses: list[str]) -> list[list[int]]:
+        self._check_lengths(instructions, responses)
         if not instructions:
             return []  # fast tokenizers fail on an empty batch
         texts = [self._format(i, r) for i, r in zip(instructions, responses)]
@@ -265,7 +269,20 @@ class RewardModelScorer:
         return [result.score for result in self.score_detailed(instructions, responses)]
 
     def score_detailed(self, instructions: list[str], responses: list[str]) -> list[RewardResult]:
-        """Like ``score`` plus ArmoRM's per-objective rewards and gating weights."""
+        """Like ``score`` plus ArmoRM's per-objective rewards and gating weights.
+
+        Identical (instruction, response) pairs are scored once and share the result: scored
+        apart, padded to other batch widths, they would differ in the last bits, so equal
+        answers would not tie (a group of them not dropped as all_equal, an unchanged rewrite
+        winning or losing).
+        """
+        self._check_lengths(instructions, responses)
+        pairs = list(zip(instructions, responses))
+        distinct = list(dict.fromkeys(pairs))
+        scored = dict(zip(distinct, self._score_each([i for i, _ in distinct], [r for _, r in distinct])))
+        return [scored[pair] for pair in pairs]
+
+    def _score_each(self, instructions: list[str], responses: list[str]) -> list[RewardResult]:
         full = self._token_ids(instructions, responses)
         cut = [len(ids) > self.max_length for ids in full]
         encoded = self._cut(full)
@@ -437,13 +454,8 @@ class GroupRewardJudge(JudgeColumns, PointwiseRewardJudge):
     def process(self, inputs: StepInput) -> "StepOutput":  # type: ignore[override]
         # One scorer call for the whole batch: it sorts by length, so padding stays small.
         flat = [(row, i) for row in inputs for i, ok in enumerate(row["parsed"]) if ok]
-        pairs = [(row["instruction"], row["responses"][i]) for row, i in flat]
-        # Identical responses are scored once: scored apart, padded to other batch widths, they
-        # would differ in the last bits, and a group of equal answers would not tie (all_equal).
-        distinct = list(dict.fromkeys(pairs))
-        scored = dict(zip(distinct, self._scorer.score_detailed([p[0] for p in distinct],
-                                                                [p[1] for p in distinct])))
-        results = [scored[pair] for pair in pairs]
+        results = self._scorer.score_detailed([row["instruction"] for row, _ in flat],
+                                              [row["responses"][i] for row, i in flat])
         for row in inputs:
             row["scores"] = [None] * len(row["parsed"])
             row.update(dict.fromkeys(JUDGE_COUNTERS, 0))
