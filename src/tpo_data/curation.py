@@ -377,7 +377,7 @@ def push_for_review(
             "rebuild the pairs with one pair per instruction (see docs/SCHEMA.md)",
         )
     gaps = pairs["score_gap"] if "score_gap" in pairs.column_names else [None] * len(ids)
-    picked = _review_order(gaps, order, seed)[:sample]
+    to_review = pairs.select(_review_order(gaps, order, seed)[:sample])
     name = dataset_name or default_dataset_name(store, version)
     url = _url(client)
     with argilla_errors(url):
@@ -402,8 +402,8 @@ def push_for_review(
                     "push under a new name (--dataset_name), or delete that dataset in the Argilla UI "
                     "(Dataset settings > Delete) if its answers are not needed",
                 )
-            _refuse_answered_changes(dataset, pairs.select(picked), name)
-        records = [_record(row) for row in pairs.select(picked)]
+            _refuse_answered_changes(dataset, to_review, name)
+        records = [_record(row) for row in to_review]
         if records:
             # batch_size <= len(records) avoids the SDK's "batch size normalized" warning.
             dataset.records.log(records, batch_size=min(len(records), 256))
@@ -413,7 +413,7 @@ def push_for_review(
 def _refuse_answered_changes(dataset: rg.Dataset, rows: datasets.Dataset, name: str) -> None:
     """Refuse to show other pairs in records that have answers: Argilla's upsert replaces a
     record's fields and keeps its answers, which would then be about pairs nobody saw."""
-    shown = {str(row["instruction_id"]): _shown(review_fields(row)) for row in rows}
+    shown = _shown_by_id(rows)
     changed = sorted(
         str(record.id) for record in dataset.records(with_responses=True, with_suggestions=False)
         if str(record.id) in shown and _shown(record.fields) != shown[str(record.id)]
@@ -470,7 +470,7 @@ def pull_reviews(
     ids = [str(i) for i in pairs["instruction_id"]]
     # What the reviewer saw must be this version's pair: ids alone repeat across versions
     # (iter-1 and iter-1-curated, a regenerated iter-1) pushed under one --dataset_name.
-    shown = {str(row["instruction_id"]): _shown(review_fields(row)) for row in pairs}
+    shown = _shown_by_id(pairs)
     name = dataset_name or default_dataset_name(store, version)
     url = _url(client)
     with argilla_errors(url):
@@ -514,6 +514,11 @@ def pull_reviews(
 
 def _shown(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _shown_by_id(pairs: datasets.Dataset) -> dict[str, dict[str, Any]]:
+    """What a reviewer sees of each pair, by record id, to compare with a record's fields."""
+    return {str(row["instruction_id"]): _shown(review_fields(row)) for row in pairs}
 
 
 def _submitted_answers(record: rg.Record, client: rg.Argilla, reviewers: dict[Any, str]) -> list[dict[str, Any]]:
