@@ -202,7 +202,8 @@ def test_apply_offline_counts_card_and_candidates(tmp_path):
 def test_apply_refuses_reviews_of_another_copy_of_the_version(tmp_path, capsys):
     """A reviews file pulled before the version was written again (or in another store) has the
     same version name and ids, but its answers are about other pairs."""
-    from tpo_data.store import MANIFEST, sha256_file
+    from tpo_data.files import sha256_file
+    from tpo_data.store import MANIFEST
 
     store = make_store(tmp_path)
     root = str(store.root)

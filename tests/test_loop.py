@@ -205,7 +205,8 @@ def test_parent_version_is_only_named_within_its_own_store(tmp_path):
 
     from test_store import write_test_iteration
 
-    from tpo_data.store import MANIFEST, sha256_file
+    from tpo_data.files import sha256_file
+    from tpo_data.store import MANIFEST
 
     mine, other, model = LocalStore(tmp_path / "mine"), LocalStore(tmp_path / "other"), tmp_path / "model"
     write_test_iteration(mine, 2)

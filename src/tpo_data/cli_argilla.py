@@ -116,7 +116,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from tpo_data.curation import connect, pull_reviews
-    from tpo_data.store import MANIFEST, LocalStore, sha256_file
+    from tpo_data.store import LocalStore
 
     store = LocalStore(args.store)
     store.path(args.version)
@@ -127,7 +127,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         "version": args.version,
         # The exact version reviewed: a file left from before the version was regenerated, or
         # from another store, holds answers about other pairs under the same ids.
-        "manifest_sha256": sha256_file(store.path(args.version) / MANIFEST),
+        "manifest_sha256": store.manifest_sha256(args.version),
         "dataset": reviews.dataset,
         "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "counts": reviews.counts,
@@ -144,7 +144,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from tpo_data.curation import apply_reviews
-    from tpo_data.store import MANIFEST, LocalStore, sha256_file
+    from tpo_data.store import LocalStore
 
     path = Path(args.reviews) if args.reviews else reviews_path(args.store, args.version)
     if not path.is_file():
@@ -163,7 +163,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "apply it to the version it was pulled for, or pass the right --reviews",
         )
     store = LocalStore(args.store)
-    digest = sha256_file(store.path(args.version) / MANIFEST)
+    digest = store.manifest_sha256(args.version)
     if document.get("manifest_sha256", digest) != digest:
         raise TPODataError(
             f"{path} holds reviews of another {args.version} than the one in {store.root} (manifest "

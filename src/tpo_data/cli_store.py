@@ -185,11 +185,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
         manifest = hub_manifest(args.repo, args.version)
     else:
-        from tpo_data.store import MANIFEST, LocalStore, sha256_file
+        from tpo_data.store import LocalStore
 
         store = LocalStore(args.store)
         manifest = store.manifest(args.version)
-        manifest["manifest_sha256"] = sha256_file(store.path(args.version) / MANIFEST)
+        manifest["manifest_sha256"] = store.manifest_sha256(args.version)
     if args.json:
         _print_json(manifest)
         return 0

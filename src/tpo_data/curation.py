@@ -253,9 +253,7 @@ def default_dataset_name(store: LocalStore, version: str) -> str:
     one version's: every run's store is called ``store``, and two runs' ``iter-1`` must not
     share a review dataset, where one's answers would land on the other's pairs.
     """
-    from tpo_data.store import MANIFEST, sha256_file
-
-    digest = sha256_file(store.path(version) / MANIFEST)[:10]
+    digest = store.manifest_sha256(version)[:10]
     return f"tpo-{Path(store.root).resolve().parent.name}-{version}-{digest}"
 
 

@@ -287,8 +287,9 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
                        input_batch_size=run.input_batch_size * sampling.num_samples)
     # Resolved once: resolving the embedded model verifies its checksums.
     paths = {m.name: str(resolve_model(m.path)) for m in models}
-    if len(set(paths.values())) > 1:
-        check_one_model_per_endpoint(engine, f"the evaluation compares {len(set(paths.values()))} models")
+    distinct = len(set(paths.values()))
+    if distinct > 1:
+        check_one_model_per_endpoint(engine, f"the evaluation compares {distinct} models")
     seed_path = paths[models[0].name]
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
     with ExitStack() as stack:

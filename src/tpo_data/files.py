@@ -1,8 +1,9 @@
-"""Crash-safe files: atomic writes (the old file or the new one, never half of one), and
-append-only JSON-lines logs that survive a process killed mid-write."""
+"""Crash-safe files: atomic writes (the old file or the new one, never half of one),
+append-only JSON-lines logs that survive a process killed mid-write, and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -45,3 +46,12 @@ def read_jsonl_log(path: Path) -> list[Any]:
         with path.open("a", encoding="ascii") as fh:
             fh.write("\n")
     return entries
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

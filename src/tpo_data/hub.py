@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 
 from tpo_data import secrets
 from tpo_data.errors import TPODataError
-from tpo_data.store import MANIFEST, LocalStore, check_version_name, sha256_file
+from tpo_data.files import sha256_file
+from tpo_data.store import MANIFEST, LocalStore, check_version_name
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def publish_version(
                 "iteration": manifest.get("iteration"),
                 "parent_model": manifest.get("parent_model"),
                 "parent_version": manifest.get("parent_version"),
-                "manifest_sha256": sha256_file(folder / MANIFEST),
+                "manifest_sha256": store.manifest_sha256(version),
             },
             indent=1,
         )
@@ -411,7 +412,7 @@ def publish_version(
     # An all-unchanged commit (a retry after a lost answer) is answered with main's head at
     # that moment, which a concurrent writer may have moved: tag only a commit holding our files.
     sums = {rel: info["sha256"] for rel, info in manifest["files"].items()}
-    sums[MANIFEST] = sha256_file(folder / MANIFEST)
+    sums[MANIFEST] = store.manifest_sha256(version)
     differences = _retrying(
         lambda: _commit_differences(api, repo_id, commit, folder, files, sums),
         f"read the files of commit {commit[:12]} of {repo_id}",
@@ -597,7 +598,7 @@ def push_iteration(
 
     token = _resolve_token(token, required=True)
     api = _api(token)
-    local_sha = sha256_file(store.path(version) / MANIFEST)
+    local_sha = store.manifest_sha256(version)
     try:
         target = _retrying(
             lambda: _tag_target(api, repo_id, version),

@@ -36,7 +36,7 @@ from tpo_data.pair_data import (
 )
 from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
 from tpo_data.prompts import ThoughtPrompt, load_prompt
-from tpo_data.store import MANIFEST, LocalStore, sha256_file, write_iteration
+from tpo_data.store import MANIFEST, LocalStore, write_iteration
 from tpo_data.training import LINEAGE
 
 log = logging.getLogger("tpo_data")
@@ -165,7 +165,7 @@ def trained_on(model: str, store: LocalStore) -> str | None:
     version = dataset.get("version")
     if dataset.get("source") != "store" or not version or not (store.root / version / MANIFEST).is_file():
         return None
-    return version if sha256_file(store.root / version / MANIFEST) == dataset.get("manifest_sha256") else None
+    return version if store.manifest_sha256(version) == dataset.get("manifest_sha256") else None
 
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,

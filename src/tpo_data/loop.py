@@ -171,11 +171,9 @@ def train(loop: LoopArguments, store: Path, version: str, parent: str, out: Path
 
 def _check_trained_on(out: Path, store: LocalStore, version: str) -> None:
     """Refuse to reuse a finished model that was trained on other data than this run's ``version``."""
-    from tpo_data.store import MANIFEST, sha256_file
-
     dataset = json.loads((out / LINEAGE).read_text()).get("dataset", {})
     # Not the store's path: a moved output folder holds the same data (the sha says so).
-    expected = {"version": version, "manifest_sha256": sha256_file(store.path(version) / MANIFEST)}
+    expected = {"version": version, "manifest_sha256": store.manifest_sha256(version)}
     differ = [key for key, value in expected.items() if dataset.get(key) != value]
     if differ:
         raise TPODataError(

@@ -21,6 +21,7 @@ from typing import Any
 from filelock import FileLock
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import sha256_file
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -33,14 +34,6 @@ _STAMP = "tpo_data_conversion.json"
 def cache_dir() -> Path:
     """Where converted models live: $TPO_DATA_CACHE, else ~/.cache/tpo-data."""
     return Path(os.environ.get("TPO_DATA_CACHE", Path.home() / ".cache" / "tpo-data"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _gguf_path() -> Path:

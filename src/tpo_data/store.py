@@ -21,7 +21,6 @@ changed for :data:`STALE_TMP_AGE_S` (younger ones may belong to a concurrent wri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from tpo_data.errors import TPODataError
+from tpo_data.files import sha256_file
 from tpo_data.secrets import scrub
 
 if TYPE_CHECKING:
@@ -93,14 +93,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
@@ -295,7 +287,7 @@ class LocalStore:
         found = []
         for name in self._names():
             manifest = self.manifest(name)
-            manifest["manifest_sha256"] = sha256_file(self.root / name / MANIFEST)
+            manifest["manifest_sha256"] = self.manifest_sha256(name)
             found.append(manifest)
         return sorted(
             found, key=lambda m: (m.get("iteration") is None, m.get("iteration") or 0, m["version"])
@@ -304,6 +296,11 @@ class LocalStore:
     def manifest(self, version: str) -> dict[str, Any]:
         """The manifest of ``version``."""
         return json.loads((self.path(version) / MANIFEST).read_text(encoding="utf-8"))
+
+    def manifest_sha256(self, version: str) -> str:
+        """The sha256 of ``version``'s manifest, which covers every file's hash: it names the
+        exact data, wherever the store lives (lineage, reviews and model reuse match on it)."""
+        return sha256_file(self.path(version) / MANIFEST)
 
     def path(self, version: str) -> Path:
         """The folder of ``version``; raises listing the existing versions if it is missing."""
@@ -344,7 +341,7 @@ class LocalStore:
         if cache_dir is None:
             # datasets keys its cache of a local folder by the folder's name, so two
             # stores holding an "iter-1" would share rows. Key it by this manifest.
-            digest = sha256_file(folder / MANIFEST)[:16]
+            digest = self.manifest_sha256(version)[:16]
             # A shared store may be mounted read-only: then datasets' own cache holds it.
             base = self.root if os.access(self.root, os.W_OK) else Path(datasets.config.HF_DATASETS_CACHE) / "tpo-data"
             cache_dir = str(base / ".datasets-cache" / digest)

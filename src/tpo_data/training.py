@@ -216,17 +216,16 @@ def _check_source(args: TrainArguments) -> str:
 
 
 def _store_source(root: str, version: str) -> DataSource:
-    from tpo_data.store import MANIFEST, LocalStore, sha256_file
+    from tpo_data.store import LocalStore
 
     store = LocalStore(root)
-    folder = store.path(version)  # raises, listing the existing versions, if missing
-    manifest = store.manifest(version)
+    manifest = store.manifest(version)  # raises, listing the existing versions, if missing
     return DataSource(
         lineage={
             "source": "store",
             "store": str(Path(root).resolve()),
             "version": version,
-            "manifest_sha256": sha256_file(folder / MANIFEST),
+            "manifest_sha256": store.manifest_sha256(version),
         },
         label=f"{version} of local store {Path(root).resolve()}",
         manifest=manifest,
