@@ -231,6 +231,19 @@ def test_layout_errors(armorm_dir, tmp_path):
         RewardModelScorer(str(armorm_dir), kind="sequence_classification")
 
 
+def test_checkpoint_without_architectures(armorm_dir, tmp_path):
+    """Older checkpoints omit config.json's architectures: an explicit kind='armorm' loads them
+    (the weight check still runs); auto-detection cannot, and says what to pass."""
+    folder = _copy_checkpoint(armorm_dir, tmp_path / "no-arch")
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = RewardModelScorer(str(armorm_dir)).score(INSTRUCTIONS, RESPONSES)
+    assert RewardModelScorer(str(folder), kind="armorm").score(INSTRUCTIONS, RESPONSES) == expected
+    with pytest.raises(TPODataError, match="missing"):
+        load_armorm(_copy_checkpoint(folder, tmp_path / "no-arch-no-head", drop_tensor="regression_layer.weight"))
+
+
 def test_published_gating_defaults(armorm_dir, tmp_path):
     # The published code reads gating_temperature with a default of 10.
     folder = _copy_checkpoint(armorm_dir, tmp_path / "defaults", drop_key="gating_temperature")

@@ -223,10 +223,13 @@ def load_config_dict(model: str | Path) -> dict[str, Any]:
 
 
 def read_armorm_config(path: str | Path) -> dict[str, Any]:
-    """config.json of an ArmoRM-layout checkpoint; TPODataError if it is missing or not ArmoRM."""
+    """config.json of an ArmoRM-layout checkpoint; TPODataError if it is missing or not ArmoRM.
+
+    A config without ``architectures`` (some older checkpoints) is not refused for it: the
+    weight check in ``load_armorm`` still catches a folder that is not ArmoRM."""
     config = load_config_dict(path)
     architectures = config.get("architectures") or []
-    if ARMORM_ARCHITECTURE not in architectures:
+    if architectures and ARMORM_ARCHITECTURE not in architectures:
         raise TPODataError(
             f"{path} is not in ArmoRM layout: config.json architectures={architectures}, "
             f"expected {ARMORM_ARCHITECTURE!r}.",
