@@ -211,6 +211,40 @@ def test_lora_run_saves_the_adapter_and_the_merged_model(store: LocalStore, tiny
                                merged["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_push_to_hub_publishes_the_finished_model(store: LocalStore, tiny_lm: Path, tmp_path: Path) -> None:
+    """--push_to_hub uploads the model as the next iteration loads it: merged weights with lineage.json
+    and the card, the adapter in adapter/ only (transformers' own push put its files beside the
+    merged model, which then loads as an adapter over itself), no checkpoints, no token."""
+    repo = "stand-in-user/tpo-model"
+    out = tmp_path / "model"
+    with HubStandin(tmp_path / "hub") as hub:
+        env = client_env(tmp_path, hub.url, TOKEN)
+        result = subprocess.run(
+            [sys.executable, SCRIPT, *train_args(store, out, "--use_peft", "--lora_r", "4",
+                                                 "--save_strategy", "steps", "--save_steps", "1",
+                                                 "--push_to_hub", "true", "--hub_model_id", repo)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        head = hub.repo(repo, "model").resolve("main")
+        files = hub.repo(repo, "model").commits[head].files
+        published = {name: hub.read_file(repo, "main", name, "model") for name in files}
+        state = json.dumps(hub.state())
+    assert f"published to the Hub: {repo} (commit {head})" in result.stdout
+    assert any(out.glob("checkpoint-*")) and not any(name.startswith("checkpoint-") for name in files)
+    assert "adapter_config.json" not in files and "adapter/adapter_config.json" in files
+    for name in ("model.safetensors", "config.json", "lineage.json", "README.md", "adapter/adapter_model.safetensors"):
+        assert published[name] == (out / name).read_bytes(), name
+    assert json.loads(published["lineage.json"])["adapter"]["merged"] is True
+    assert TOKEN not in result.stdout + result.stderr + state
+
+
+def test_push_to_hub_needs_a_model_id(store: LocalStore, tmp_path: Path) -> None:
+    with pytest.raises(TPODataError, match="--hub_model_id your-user/model-name"):
+        main(train_args(store, tmp_path / "model", "--push_to_hub", "true"))
+    assert not (tmp_path / "model" / "lineage.json").exists()
+
+
 def test_lora_refuses_a_quantized_parent(tiny_lm: Path, tmp_path: Path) -> None:
     parent = tmp_path / "bnb-4bit"
     parent.mkdir()

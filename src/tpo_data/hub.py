@@ -554,9 +554,10 @@ def token_write_problem(who: dict[str, Any], repo_id: str) -> str | None:
     return None
 
 
-def _check_write_token(token: str, repo_id: str) -> None:
+def _check_write_token(token: str, repo_id: str, flag: str = "--push_to_hub") -> None:
     """Ask the Hub whose token this is: a token that cannot write to ``repo_id`` fails now, not after
-    generation. Advisory otherwise: a Hub that cannot answer (offline, rate-limited) only warns."""
+    generation or training. Advisory otherwise: a Hub that cannot answer (offline, rate-limited)
+    only warns. ``flag`` is the option that names the repo."""
     try:
         who = _api(token).whoami()
     except Exception as err:  # classified below, reported scrubbed
@@ -566,17 +567,60 @@ def _check_write_token(token: str, repo_id: str) -> None:
                 "export HF_TOKEN=<a valid write token from https://huggingface.co/settings/tokens> "
                 "(or `hf auth login --force`), or drop --push_to_hub",
             ) from None
-        logger.warning("could not check the Hugging Face token before generation (%s); the push "
-                       "after it will tell", _describe(err))
+        logger.warning("could not check the Hugging Face token now (%s); the push will tell",
+                       _describe(err))
         return
     problem = token_write_problem(who, repo_id)
     if problem:
         raise TPODataError(
             f"{problem}, so {repo_id} could not be published",
             f"export HF_TOKEN=<a write token, or a fine-grained one with repo.write on {repo_id.split('/')[0]}, "
-            "from https://huggingface.co/settings/tokens>, pick a --push_to_hub namespace it can write "
+            f"from https://huggingface.co/settings/tokens>, pick a {flag} namespace it can write "
             "to, or drop --push_to_hub",
         )
+
+
+def check_model_push(repo_id: str | None, token: str | None = None) -> None:
+    """Refuse a trainer's ``--push_to_hub`` that cannot succeed, before training starts."""
+    if not repo_id or repo_id.count("/") != 1:
+        raise TPODataError(
+            f"--push_to_hub needs --hub_model_id as namespace/name (got {repo_id!r})",
+            "pass --hub_model_id your-user/model-name, or drop --push_to_hub",
+        )
+    _check_write_token(_resolve_token(token, required=True), repo_id, "--hub_model_id")
+
+
+def publish_model(
+    folder: Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    max_retries: int = 5,
+    backoff: float = 1.0,
+) -> str:
+    """Upload a finished model folder (weights, tokenizer, adapter/, lineage.json, card) to model
+    repo ``repo_id`` in one commit; return its sha. Trainer checkpoints stay local."""
+    api = _api(_resolve_token(token, required=True))
+    retry = {"max_retries": max_retries, "backoff": backoff}
+    _retrying(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
+              f"create the model repo {repo_id}", **retry)
+    if revision:
+        _retrying(lambda: api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True),
+                  f"create branch {revision} of {repo_id}", **retry)
+    info = _retrying(
+        lambda: api.upload_folder(
+            repo_id=repo_id, repo_type="model", folder_path=str(folder), revision=revision,
+            commit_message=f"Upload {Path(folder).name} (tpo-data)",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "**/.*"],
+        ),
+        f"upload {folder} to the model repo {repo_id}",
+        fix=f"the model stays in {folder}; fix the cause above and upload it with "
+            f"`hf upload {repo_id} {folder} --exclude 'checkpoint-*/**'`",
+        **retry,
+    )
+    return info.oid
 
 
 def push_iteration(
