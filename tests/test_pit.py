@@ -346,6 +346,72 @@ def test_sft_step(pit_run, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_sft_step_resumes_from_a_checkpoint(pit_run, tmp_path):
+    """--resume_from_checkpoint continues the saved run: resumed at its last step, nothing is left to
+    train, so the saved model is the checkpoint (a fresh start at another learning rate would differ)."""
+    from tpo_data.pit_training import main as train_main
+
+    common = ["sft", "--config", RECIPE, "--store", str(pit_run["store"]), "--model", str(pit_run["lm"]),
+              "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    first = train_main([*common, "--learning_rate", "1e-3", "--output_dir", str(tmp_path / "first")])
+    checkpoint = first / "checkpoint-1"
+    resumed = train_main([*common, "--learning_rate", "1e-5", "--output_dir", str(tmp_path / "resumed"),
+                          "--resume_from_checkpoint", str(checkpoint)])
+    saved, expected, base = _weights(resumed), _weights(checkpoint), _weights(pit_run["lm"])
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+
+
+def test_reward_step_is_seeded(pit_run, tmp_path):
+    """The gap reward model's new score head is drawn after --seed is applied: the same run twice
+    gives the same weights."""
+    from tpo_data.pit_training import main as train_main
+
+    args = ["reward", "--config", RECIPE, "--store", str(pit_run["store"]), "--model", str(pit_run["lm"])]
+    torch.manual_seed(1)  # whatever the RNG held before must not matter
+    again = _weights(train_main([*args, "--output_dir", str(tmp_path / "again")]))
+    first = _weights(pit_run["reward"])
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_reward_step_push_to_hub_includes_the_gap_marker(pit_run, tmp_path):
+    """--push_to_hub uploads the folder once complete: the gap marker that makes it a gap reward
+    model is there (transformers' own push ran before it was written)."""
+    import subprocess
+
+    from hub_standin import HubStandin
+    from test_hub import TOKEN, client_env
+
+    from tpo_data.pit_training import GAP_MARKER
+
+    repo, out = "stand-in-user/pit-gap-reward", tmp_path / "reward"
+    with HubStandin(tmp_path / "hub") as hub:
+        done = subprocess.run(
+            [sys.executable, "trainers/pit.py", "reward", "--config", RECIPE, "--store", str(pit_run["store"]),
+             "--model", str(pit_run["lm"]), "--output_dir", str(out), "--push_to_hub", "true",
+             "--hub_model_id", repo],
+            env=client_env(tmp_path, hub.url, TOKEN), capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        marker = hub.read_file(repo, "main", GAP_MARKER, "model")
+        weights = hub.read_file(repo, "main", "model.safetensors", "model")
+    assert json.loads(marker)["kind"] == "pit-gap-reward"
+    assert weights == (out / "model.safetensors").read_bytes()
+    assert TOKEN not in done.stdout + done.stderr
+
+
+def test_rl_step_refuses_zero3(pit_run, tmp_path, monkeypatch):
+    import transformers.integrations
+
+    from tpo_data.pit_training import main as train_main
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(TPODataError, match="ZeRO-3 would partition"):
+        train_main(["rl", "--config", RECIPE, "--store", str(pit_run["store"]), "--reward_model",
+                    str(pit_run["reward"]), "--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl")])
+    assert not (tmp_path / "rl").exists()
+
+
 def test_reward_step_trains_the_gap_loss(pit_run):
     from tpo_data.pit_training import GAP_MARKER, GapRewardModel, gap_batch_loss, gap_collator
     from tpo_data.store import LocalStore

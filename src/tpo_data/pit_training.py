@@ -37,9 +37,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tpo_data import hub
 from tpo_data.errors import TPODataError
 from tpo_data.pit import gap_inputs, gap_ranking_loss, gap_text, improvement_messages
-from tpo_data.training import end_process_group
+from tpo_data.training import check_saved, end_process_group
 
 log = logging.getLogger("tpo_data")
 
@@ -343,6 +344,21 @@ def _load(auto_class: Any, path: str, config, **kwargs: Any) -> Any:
     return auto_class.from_pretrained(path, **init)
 
 
+def _train_and_save(trainer: Any, config) -> Path:
+    """Train (resuming from ``--resume_from_checkpoint``) and save loadable full weights to
+    ``output_dir``, as trainers/dpo.py does."""
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if trainer.is_fsdp_enabled:
+        # save_model writes nothing from sharded state dicts (FSDP2's default): gather a full one.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    out = Path(config.output_dir)
+    trainer.save_model(str(out))  # gathers sharded weights, so every process calls it
+    trainer.accelerator.wait_for_everyone()
+    if config.should_save:
+        check_saved(out, adapter=False)
+    return out
+
+
 def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
     """Fine-tune M_PIT to write y_w given (x, y_l); returns the saved model folder."""
     from trl import SFTTrainer
@@ -356,9 +372,7 @@ def run_sft(data: PITDataArguments, stage: SFTStageArguments, config) -> Path:
         model = freeze_lower_layers(_load(AutoModelForCausalLM, path, config), stage.train_layers,
                                     config.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(path))
-    trainer.train()
-    trainer.save_model(config.output_dir)
-    return Path(config.output_dir)
+    return _train_and_save(trainer, config)
 
 
 def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> Path:
@@ -376,9 +390,7 @@ def run_reward(data: PITDataArguments, stage: RewardStageArguments, config) -> P
     config.remove_unused_columns = False  # the collator needs the raw text columns
     trainer = _gap_trainer_class()(model=model, args=config, train_dataset=ds, processing_class=tokenizer,
                                    data_collator=gap_collator(tokenizer, stage.max_length))
-    trainer.train()
-    out = Path(config.output_dir)
-    trainer.save_model(str(out))
+    out = _train_and_save(trainer, config)
     if config.should_save:  # the process save_model wrote from (one per run, or per node)
         (out / GAP_MARKER).write_text(json.dumps({
             "kind": "pit-gap-reward", "format": gap_text("{instruction}", "{y1}", "{y2}"),
@@ -423,8 +435,15 @@ def check_round_two(data: PITDataArguments, stage: RLStageArguments, path: str, 
 def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     """One curriculum round of RLOO against the gap reward; returns the saved policy folder."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import RLOOTrainer
 
+    if is_deepspeed_zero3_enabled():
+        raise TPODataError(
+            "the rl stage calls the gap reward model outside DeepSpeed's engine, and ZeRO-3 would "
+            "partition its weights across the processes",
+            "run the rl stage under DeepSpeed ZeRO-2, FSDP or plain DDP (another `accelerate launch` config)",
+        )
     path = model_path(stage.model, "--model")
     kl_path = model_path(stage.kl_reference, "--kl_reference") if stage.kl_reference else None
     if stage.round == 2:
@@ -445,9 +464,7 @@ def run_rl(data: PITDataArguments, stage: RLStageArguments, config) -> Path:
     log.info("RL round %d on %d rows of %s (beta=%s)", stage.round, ds.num_rows, version, config.beta)
     trainer = RLOOTrainer(model=policy, reward_funcs=gap_reward_function(reward_model), args=config,
                           train_dataset=ds, processing_class=load_tokenizer(path))
-    trainer.train()
-    trainer.save_model(config.output_dir)
-    return Path(config.output_dir)
+    return _train_and_save(trainer, config)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -461,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "Run e.g. `python trainers/pit.py sft --config recipes/pit-smollm2.yaml`.",
         )
     stage, rest = argv[0], argv[1:]
-    from transformers import TrainingArguments
+    from accelerate import PartialState
+    from transformers import TrainingArguments, set_seed
     from trl import RLOOConfig, SFTConfig
 
     types, run = {
@@ -471,7 +489,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     }[stage]
     data, args, config = parse_stage(stage, (PITDataArguments, *types), rest, training=True,
                                      prog=f"trainers/pit.py {stage}")
+    push = config.push_to_hub
+    if push:
+        hub.check_model_push(config.hub_model_id, config.hub_token)
+        # Ours, once the folder is complete: the Trainer's own push runs before the gap marker exists.
+        config.push_to_hub = False
+    # Before any model is built: the reward stage's new score head is drawn from the global RNG.
+    set_seed(config.seed)
     out = run(data, args, config)
+    if push and PartialState().is_main_process:
+        commit = hub.publish_model(out, config.hub_model_id, token=config.hub_token,
+                                   private=config.hub_private_repo, revision=config.hub_revision)
+        print(f"Published the {stage} model to the Hub: {config.hub_model_id} (commit {commit})")
     end_process_group()
     print(f"Saved the {stage} model to {out}")
     return out
