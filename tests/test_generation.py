@@ -206,6 +206,24 @@ def test_instruction_longer_than_context(tiny_lm, tmp_path):
     assert len((tmp_path / "o" / "iter-1" / "generations.jsonl").read_text().splitlines()) == 2
 
 
+def test_judge_prompt_longer_than_context(tiny_lm, tmp_path):
+    """The pair-wise judge reads the instruction and two responses: samples that fit the policy's
+    context may not fit the judge's, and a request over it would fail the judge's whole batch."""
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"instruction": "word " * 200}, {"instruction": "short"}])
+    args = ["--config", RECIPE, "--model", str(tiny_lm), "--instructions", str(source),
+            "--instructions_per_iteration", "2", "--holdout_size", "0", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(TPODataError) as err:
+        generate_main([*args, "--judge", "pairwise", "--max_new_tokens", "500"])
+    message = str(err.value)
+    assert "1 instruction(s) may not fit the pair-wise judge's context of 2048 tokens" in message
+    assert "--max_new_tokens 500 and --judge_max_new_tokens 8" in message
+    assert "row-0" in message and "row-1" not in message
+    assert not (tmp_path / "o" / "slices.json").exists()
+    # The policy's prompt and samples fit: without a pair-wise judge the same run goes ahead.
+    generate_main([*args, "--judge", "none", "--max_new_tokens", "500", "--num_samples", "2"])
+    assert len((tmp_path / "o" / "iter-1" / "generations.jsonl").read_text().splitlines()) == 2
+
+
 def test_cli_errors_exit_2_with_problem_and_fix(tmp_path):
     proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tmp_path / "nope"),
                       "--output_dir", str(tmp_path / "o"))

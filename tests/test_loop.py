@@ -277,6 +277,17 @@ def test_eval_needs_a_trained_model(tiny_lm, tmp_path):
                    "--judge", "pairwise"])
 
 
+def test_eval_refuses_judge_prompts_over_the_context(tiny_lm, tmp_path):
+    """Checked before any answer is generated, as for training pairs."""
+    from tpo_data.loop import eval_main
+
+    with pytest.raises(TPODataError, match="may not fit the pair-wise judge's context of 2048 tokens"):
+        eval_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path), "--judge",
+                   "pairwise", "--eval_size", "2", "--eval_models", f"M0={tiny_lm}", f"M1={tiny_lm}",
+                   "--max_new_tokens", "1000", "--eval_dir", str(tmp_path / "eval")])
+    assert not any((tmp_path / "eval").glob("*.jsonl"))
+
+
 def test_eval_with_the_pairwise_judge(tiny_lm, tmp_path, capsys):
     """Both orders per instruction, forced verdicts for a judge that never writes one."""
     from tiny_models import make_letter_judge

@@ -51,8 +51,10 @@ from tpo_data.models import model_fingerprint, resolve_model
 from tpo_data.pipeline import (
     GenerationLedger,
     RunArguments,
+    check_judge_context,
     generate_samples,
     generation_spec,
+    serving_context,
     start_endpoint,
 )
 from tpo_data.prompts import load_prompt
@@ -292,6 +294,13 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
         check_one_model_per_endpoint(engine, f"the evaluation compares {distinct} models")
     seed_path = paths[models[0].name]
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    if judge.judge == "pairwise":
+        from transformers import AutoTokenizer
+
+        judge_context = serving_context(judge_path, judge_engine_args(judge, engine, same_model=False)[0])
+        if judge_context:
+            check_judge_context(rows, AutoTokenizer.from_pretrained(judge_path), sampling.max_new_tokens,
+                                judge.judge_max_new_tokens, judge_context)
     with ExitStack() as stack:
         server = JudgeServer(judge, engine, sampling, judge_path, folder, stack) \
             if judge.judge == "pairwise" else None

@@ -24,7 +24,7 @@ from tpo_data.instructions import (
     load_instructions,
     select_iteration_rows,
 )
-from tpo_data.judges import POLICY, JudgeArguments
+from tpo_data.judges import POLICY, JudgeArguments, judge_engine_args
 from tpo_data.models import resolve_model
 from tpo_data.pair_data import (
     IterationData,
@@ -34,7 +34,14 @@ from tpo_data.pair_data import (
     truncated,
     unknown_truncation,
 )
-from tpo_data.pipeline import GenerationResult, RunArguments, check_context, generate_samples
+from tpo_data.pipeline import (
+    GenerationResult,
+    RunArguments,
+    check_context,
+    check_judge_context,
+    generate_samples,
+    serving_context,
+)
 from tpo_data.prompts import ThoughtPrompt, load_prompt
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
 from tpo_data.training import LINEAGE
@@ -63,7 +70,7 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
                    sampling: SamplingArguments, run: RunArguments,
                    judge: JudgeArguments | None = None) -> GenerationResult:
     """Validate everything that can be checked cheaply, then generate and judge (resuming if needed)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     judge = judge or JudgeArguments(judge="none")
     if judge.judge != "none":
@@ -76,13 +83,18 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = SliceLedger(Path(run.output_dir) / "slices.json")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if engine.engine == "vllm" and not engine.base_url:
-        context = min(context or engine.vllm_max_model_len, engine.vllm_max_model_len)
+    context = serving_context(model_path, engine)
+    judge_context = None
+    if judge.judge == "pairwise":
+        judge_context = serving_context(judge_path, judge_engine_args(judge, engine, judge_path == model_path)[0])
+        judge_tokenizer = tokenizer if judge_path == model_path else AutoTokenizer.from_pretrained(judge_path)
 
     def fits(selected: list[dict]) -> None:
         if context:
             check_context(selected, prompt, tokenizer, sampling.max_new_tokens, context)
+        if judge_context:
+            check_judge_context(selected, judge_tokenizer, sampling.max_new_tokens,
+                                judge.judge_max_new_tokens, judge_context)
 
     rows = select_iteration_rows(rows, instructions, ledger, run.iteration, check=fits)
 

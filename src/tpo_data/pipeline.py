@@ -31,7 +31,15 @@ from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_
 from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
-from tpo_data.judges import JudgeArguments, PairwiseJudge, judge_engine_args, judge_sampling
+from tpo_data.judges import (
+    FORCE_MAX_NEW_TOKENS,
+    FORCE_PREFIX,
+    JudgeArguments,
+    PairwiseJudge,
+    judge_engine_args,
+    judge_messages,
+    judge_sampling,
+)
 from tpo_data.prompts import ThoughtPrompt
 from tpo_data.training import trained_at
 
@@ -90,10 +98,9 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
     """Refuse, before any generation, instructions that cannot fit the model's context."""
     too_long = []
     for row in rows:
-        ids = tokenizer.apply_chat_template(
+        n = _n_tokens(tokenizer.apply_chat_template(
             prompt.messages(row["instruction"]), tokenize=True, add_generation_prompt=True
-        )
-        n = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ))
         if n + max_new_tokens > context:
             too_long.append(f"{row['id']} ({n} prompt tokens)")
     if too_long:
@@ -104,6 +111,44 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
             "Lower --max_new_tokens or use a model with a longer context. Shortening or removing "
             "those instructions changes the instruction source, which a run with recorded "
             "iterations refuses: then start it in a new --output_dir.",
+        )
+
+
+def _n_tokens(ids: Any) -> int:
+    return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def serving_context(path: str, engine: EngineArguments) -> int | None:
+    """The context ``engine`` serves the model at ``path`` with: the model's own, capped by
+    --vllm_max_model_len on a vLLM server this run starts; None where the config has none."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if engine.engine == "vllm" and not engine.base_url:
+        context = min(context or engine.vllm_max_model_len, engine.vllm_max_model_len)
+    return context
+
+
+def check_judge_context(rows: list[dict], tokenizer: Any, max_new_tokens: int,
+                        judge_max_new_tokens: int, context: int) -> None:
+    """Refuse, before any generation, instructions whose pair-wise judge prompt may not fit the
+    judge's context: two responses of up to max_new_tokens each, the judgment, a forced verdict.
+    A request over the context is rejected by the server, and with it the judge's whole batch."""
+    extra = 2 * max_new_tokens + judge_max_new_tokens + _n_tokens(
+        tokenizer(FORCE_PREFIX, add_special_tokens=False)) + FORCE_MAX_NEW_TOKENS
+    too_long = []
+    for row in rows:
+        n = _n_tokens(tokenizer.apply_chat_template(
+            judge_messages(row["instruction"], "", ""), tokenize=True, add_generation_prompt=True))
+        if n + extra > context:
+            too_long.append(f"{row['id']} ({n} + {extra} tokens)")
+    if too_long:
+        raise TPODataError(
+            f"{len(too_long)} instruction(s) may not fit the pair-wise judge's context of {context} tokens "
+            f"with two responses of up to --max_new_tokens {max_new_tokens} and --judge_max_new_tokens "
+            f"{judge_max_new_tokens}: {', '.join(too_long[:5])}" + (" ..." if len(too_long) > 5 else ""),
+            "Lower --max_new_tokens or --judge_max_new_tokens, raise --vllm_max_model_len (up to the judge "
+            "model's context), or judge with --judge reward_model (it scores a cut pair instead).",
         )
 
 
