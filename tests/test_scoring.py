@@ -298,11 +298,13 @@ def test_auto_rho_without_a_judged_pair_is_not_tuned():
               ([math.nan, 1.0, 0.5], [2500, 800, 150], [False, True, True])]
     result = auto_rho(groups)
     assert (result.rho, result.satisfied, result.n_pairs) == (0.0, None, 0)
-    # A truncated sample rejected in its place is a response (cut off), judged: it counts.
+    # A truncated sample is rejected whatever rho is, too: its length (cut at the limit) would make
+    # rho 0 look satisfied while the one pair that s decided keeps its longest answer.
     cut = ([1.0, 0.9, 0.0], [300, 100, 2000], [True, True, True], [False, False, True])
     result = auto_rho([*groups, cut])
-    assert (result.rho, result.satisfied, result.n_pairs) == (0.0, True, 1)
-    assert (result.mean_chosen_length, result.mean_rejected_length) == (300.0, 2000.0)
+    assert (result.rho, result.satisfied, result.n_pairs) == (0.0, None, 0)
+    decided = ([1.0, 0.9, 0.0], [300, 100, 200], [True] * 3)
+    assert auto_rho([*groups, cut, decided]) == auto_rho([decided])
 
 
 def test_auto_rho_checks_pairs_that_only_larger_rho_keeps():
@@ -354,7 +356,8 @@ def test_auto_rho_is_the_first_grid_value_that_satisfies(groups, reject_failures
     result = auto_rho(groups, **options)
 
     def judged(rho):
-        return [p for _, p in select_pairs(groups, rho, **options).pairs if p.rejected_parsed]
+        return [p for _, p in select_pairs(groups, rho, **options).pairs
+                if p.rejected_parsed and not p.rejected_truncated]
 
     def holds(rho):
         pairs = judged(rho)

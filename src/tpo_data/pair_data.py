@@ -14,7 +14,7 @@ with reasons), then lay out
 
 A sample's length is its response length in characters; a parse failure has
 no response, so its whole raw output counts: that is what a reader sees
-(``auto_rho`` leaves pairs that reject a parse failure out of its condition).
+(``auto_rho`` leaves pairs that reject a parse failure or a truncated sample out of its condition).
 
 A sample is truncated when the engine reported that it stopped at the token
 limit (``steps.SplitThoughts``); under ``reject_truncated`` (the default) such
@@ -225,7 +225,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     drops = ", ".join(f"{k}={v}" for k, v in stats["drops"].items() if v) or "none"
     rho = f"{stats['rho']:g} ({stats['rho_mode']}"
     if stats["rho_mode"] == "auto" and stats["rho_auto_satisfied"] is None and stats["pairs_kept"]:
-        rho += ", not tuned: every pair rejects a parse failure, so no rejected response to compare"
+        rho += (", not tuned: every pair rejects a parse failure or a truncated sample, whatever rho is, "
+                "so no pair to compare")
     elif stats["rho_mode"] == "auto" and not stats["rho_auto_satisfied"]:
         rho += ", chosen still longer on average at the maximum" if stats["pairs_kept"] else ", no pair"
     judge = stats["judge"] + (f" ({stats['judge_mode']})" if stats.get("judge_mode") else "")

@@ -220,9 +220,9 @@ class AutoRho:
     ``satisfied`` is False when no grid value makes chosen responses on
     average no longer than rejected ones; ``rho`` is then the largest grid value
     it could check (the grid maximum when none kept a pair). It is None when
-    pairs were kept but at no grid value has one a judged rejected sample (every
-    one rejects a parse failure): there is nothing to check, and ``rho`` is the
-    grid minimum. Means are over the ``n_pairs`` judged pairs kept at ``rho``
+    pairs were kept but at no grid value has one a rejected sample picked by s
+    (every one rejects a parse failure or a truncated sample): there is nothing
+    to check, and ``rho`` is the grid minimum. Means are over the ``n_pairs`` judged pairs kept at ``rho``
     (NaN when there are none).
     """
 
@@ -240,11 +240,11 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
     ``groups`` holds one ``(scores, lengths, parsed[, truncated])`` per
     instruction. Pairs are selected exactly as :func:`tpo_data.pairs.select_pairs`
     does with the same options, so the condition is checked on the pairs that
-    are written: on the judged ones, whose rejected sample is a response. A
-    rejected parse failure has no response, and its long raw output would
-    satisfy the condition at rho 0 however long the chosen responses are; when
-    every kept pair rejects one, the condition is not checked (``satisfied``
-    None, see :class:`AutoRho`). A rho that keeps no pair cannot be checked and
+    are written: on those whose rejected sample s picked. A parse failure or a
+    truncated sample is rejected whatever rho is, and its length (a long raw
+    output, or one cut at the token limit) would satisfy the condition at rho 0
+    however long the chosen responses are; when every kept pair rejects one,
+    the condition is not checked (``satisfied`` None, see :class:`AutoRho`). A rho that keeps no pair cannot be checked and
     does not satisfy the condition.
     """
     # pairs builds on this module, so import it here to avoid an import cycle.
@@ -258,7 +258,7 @@ def auto_rho(groups: Sequence[Group], grid: Sequence[float] | np.ndarray = DEFAU
         selection = select_pairs(groups, rho, reject_parse_failures=reject_parse_failures,
                                  length_breaks_ties=length_breaks_ties)
         kept = kept or bool(selection.pairs)
-        judged = [p for _, p in selection.pairs if p.rejected_parsed]
+        judged = [p for _, p in selection.pairs if p.rejected_parsed and not p.rejected_truncated]
         if not judged:  # nothing to check at this rho (length_breaks_ties adds pairs from rho > 0)
             continue
         mean_c = float(np.mean([p.chosen_length for p in judged]))
