@@ -87,6 +87,31 @@ def _convert(gguf: Path, target: Path) -> None:
     )
 
 
+def _convert_paths(gguf: str, target: str) -> None:
+    _convert(Path(gguf), Path(target))
+
+
+def _convert_outside_zero3(gguf: Path, target: Path) -> None:
+    """:func:`_convert`, in a fresh interpreter when this process trains under DeepSpeed ZeRO-3:
+    there from_pretrained and from_config partition the model across the ranks, which wait in
+    a collective while one rank converts (the others wait for it in main_process_first)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        _convert(gguf, target)
+        return
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_convert_paths, args=(str(gguf), str(target)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise TPODataError(
+            f"converting the embedded model to {target.parent} failed (exit status {child.exitcode}, error above)",
+            "fix the cause above and rerun; the conversion runs once, before any training",
+        )
+
+
 def embedded_model_path() -> Path:
     """Return the converted embedded model folder, converting it on first use."""
     target = cache_dir() / "models" / EMBEDDED_NAME
@@ -104,7 +129,7 @@ def embedded_model_path() -> Path:
             )
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
-            _convert(gguf, tmp)
+            _convert_outside_zero3(gguf, tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
