@@ -269,14 +269,16 @@ def _hub_source(repo: str, revision: str) -> DataSource:
     )
 
 
-def _load_pairs(kind: str, args: TrainArguments, version: str) -> datasets.Dataset:
+def _load_pairs(kind: str, args: TrainArguments, version: str, source: DataSource) -> datasets.Dataset:
     from tpo_data.store import LocalStore
 
     if kind == "store":
         return LocalStore(args.dataset_store).load(version, PAIRS)
     import datasets
 
-    return datasets.load_dataset(args.dataset_repo, PAIRS, revision=version, split="train")
+    # The commit the lineage records, not the name: a branch that moves meanwhile must not
+    # give other pairs than the ones recorded.
+    return datasets.load_dataset(args.dataset_repo, PAIRS, revision=source.lineage["commit"], split="train")
 
 
 def _no_pairs(label: str) -> TPODataError:
@@ -291,7 +293,7 @@ def _read_pairs(kind: str, args: TrainArguments, version: str, source: DataSourc
     # datasets refuses to load an empty split, so an empty version is caught on its manifest.
     if source.manifest.get("row_counts", {}).get(PAIRS) == 0:
         raise _no_pairs(source.label)
-    return _check_pairs(_load_pairs(kind, args, version), source.label)
+    return _check_pairs(_load_pairs(kind, args, version, source), source.label)
 
 
 def _check_pairs(ds: datasets.Dataset, label: str) -> datasets.Dataset:
