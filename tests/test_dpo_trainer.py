@@ -265,6 +265,15 @@ def test_lora_needs_peft(store: LocalStore, tmp_path: Path, monkeypatch: pytest.
     assert "tpo-data[peft]" in err.value.fix and not (tmp_path / "m").exists()
 
 
+def test_qlora_needs_bitsandbytes(store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(TPODataError, match="--load_in_4bit .QLoRA. needs the bitsandbytes library") as err:
+        main(train_args(store, tmp_path / "m", "--use_peft", "--load_in_4bit"))
+    assert "pip install bitsandbytes" in err.value.fix and not (tmp_path / "m").exists()
+
+
 def test_refuses_non_empty_output_dir(store: LocalStore, tmp_path: Path) -> None:
     out = tmp_path / "model"
     for folder in ("checkpoint-7", "adapter"):

@@ -425,6 +425,13 @@ def check_peft(model_args: ModelConfig) -> None:
             "--use_peft needs the peft library, which is not installed",
             "pip install 'tpo-data[peft]' (or pip install peft), or drop --use_peft",
         )
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        raise TPODataError(
+            f"{flag} (QLoRA) needs the bitsandbytes library, which is not installed",
+            f"pip install bitsandbytes (on a machine with a GPU it supports), or drop {flag}",
+        )
 
 
 def check_mergeable(model_args: ModelConfig, model_path: Path | str) -> None:
