@@ -163,6 +163,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_lm, tmp_path):
     assert json.dumps(read_rows(killed)) == json.dumps(read_rows(clean))
 
 
+def test_resume_after_sigkill_before_the_first_checkpoint(tiny_lm, tmp_path):
+    """Killed while its only batch is being generated: distilabel's cache already counts that batch
+    as sent (argilla-io/distilabel#1065), so a rerun that loaded it would wait for it forever.
+    The rerun starts the pass afresh and finishes."""
+    args = ["pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm), "--judge", "pairwise",
+            "--input_batch_size", "8", "--max_new_tokens", "48", "--num_samples", "4"]
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *args, "--output_dir", str(killed)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any((killed / ".distilabel-cache").glob("**/batch_manager.json")):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not any((killed / "iter-1" / "checkpoints").glob("*.jsonl"))
+    resumed = run_script(*args, "--output_dir", str(killed), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(read_rows(killed)) == 8
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -457,6 +457,7 @@ def test_rl_step_both_rounds(pit_run, tmp_path):
     common = ["--config", RECIPE, "--store", str(pit_run["store"]), "--reward_model", str(pit_run["reward"])]
     round1 = train_main(["rl", *common, "--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl-1")])
     assert (round1 / "model.safetensors").is_file()
+    assert json.loads((round1 / "pit_rl.json").read_text())["round"] == 1
     # Round 2's references come from the policy, sampled by the distilabel pipeline. It runs as a
     # script: its forked workers would hang on torch's thread pool, which this process has used.
     done = run_script("pipelines/pit.py", "--config", RECIPE, "--store", str(pit_run["store"]), "--stage", "refs",
@@ -467,6 +468,8 @@ def test_rl_step_both_rounds(pit_run, tmp_path):
     # Refused before any loading: round 2 from the SFT model (no round 1), over its own start, or on
     # references made for another version's instructions.
     for extra, problem in ((["--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "x")], "skips round 1"),
+                           (["--model", str(pit_run["lm"]), "--kl_reference", str(round1), "--output_dir",
+                             str(tmp_path / "x")], "which no RL round 1 wrote"),
                            (["--output_dir", str(round1)], "write over the model it starts from"),
                            (["--version", "pit-other", "--output_dir", str(tmp_path / "x")],
                             "references for the instructions of pit-sft-1, not of pit-other")):
@@ -749,6 +752,12 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     (version / "manifest.json").write_text("{}")
     (rows,) = [s for s in plan(tmp_path / "r.yaml") if s.name == "rows"]
     assert rows.reads == [version / "manifest.json"] and rows.needs == []
+    # A Hub dataset id (the paper's data): read from the local Hugging Face cache by the rows stage.
+    recipe["pipeline"]["preferences"] = "Anthropic/hh-rlhf"
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(recipe))
+    (rows,) = [s for s in plan(tmp_path / "hub.yaml") if s.name == "rows"]
+    assert rows.reads == [] and rows.needs == []
+    recipe["pipeline"]["preferences"] = str(version)
     recipe["prefs"] = {"output_dir": str(tmp_path / "elsewhere")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TPODataError, match="prefs stage writes"):

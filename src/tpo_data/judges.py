@@ -60,13 +60,12 @@ from distilabel.models.llms import OpenAILLM
 from distilabel.models.llms.base import LLM
 from distilabel.steps import StepInput
 from distilabel.steps.tasks import Task
-from pydantic import Field
 
 from tpo_data.endpoints import split_endpoints
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.scoring import bradley_terry, validate_rho, win_matrix
-from tpo_data.steps import _EXCLUDE, JUDGE_COLUMNS, JUDGE_COUNTERS
+from tpo_data.steps import JUDGE_COLUMNS, JUDGE_COUNTERS
 from tpo_data.tournament import Tournament, round_robin_calls
 from tpo_data.verdicts import neutralize, parse_verdict
 
@@ -418,7 +417,6 @@ class PairwiseJudge(JudgeColumns, Task):
 
     mode: str = "round_robin"
     force_verdict: bool = True
-    exclude_from_signature: set[str] = Field(default=_EXCLUDE, exclude=True)
 
     def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
         """``input`` holds ``instruction`` and the two responses as shown, ``a`` and ``b``."""

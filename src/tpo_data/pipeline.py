@@ -223,7 +223,10 @@ def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
     pipeline.save(yaml_path, format="yaml")
     if use_ray:
         pipeline = pipeline.ray()
-    pipeline.run(use_cache=True)
+    # Never distilabel's cache: after a SIGKILL it counts the batch in flight as sent, and a run
+    # that loaded it waited for that batch forever (argilla-io/distilabel#1065); it also replayed
+    # the cached pipeline's LLM settings (endpoints). Our batch checkpoints are the resume point.
+    pipeline.run(use_cache=False)
 
 
 def require_ray() -> None:

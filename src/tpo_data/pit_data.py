@@ -206,7 +206,8 @@ def _run_keeping_logging(pipeline: Any) -> Any:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        return pipeline.run(use_cache=True)
+        # Not distilabel's cache: a run killed mid-batch would wait forever on resume (pipeline.py).
+        return pipeline.run(use_cache=False)
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)

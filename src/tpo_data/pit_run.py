@@ -116,7 +116,11 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     sections = {name: data.get(name) or {} for name in ("sft", "reward", "rl", "rl2", "eval")}
     for name in ("sft", "reward", "rl", "rl2"):
         _require(sections[name], "output_dir", name, recipe)
-    preferences = Path(_require(pipe, "preferences", "pipeline", recipe))
+    named = str(_require(pipe, "preferences", "pipeline", recipe))
+    preferences = Path(named)
+    # A Hub dataset id (Anthropic/hh-rlhf) that is no local path: the rows stage reads it from the
+    # local Hugging Face cache, and says how to fill the cache if it is not there.
+    hub_id = named.count("/") == 1 and not named.startswith((".", "/", "~")) and not preferences.exists()
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
     stages: list[Stage] = []
 
@@ -134,7 +138,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
                 f"Set pipeline.preferences: {written}, or remove the prefs section.")
         stages.append(Stage("prefs", [py, "pipelines/tpo.py", "--config", tpo_config, *_flags(prefs)],
                             preferences / MANIFEST, store_version=True, settings={"config": tpo_recipe}))
-    elif not (preferences / MANIFEST).is_file() and not preferences.is_file():
+    elif not hub_id and not (preferences / MANIFEST).is_file() and not preferences.is_file():
         hint = ("bash scripts/main.sh" if "tpo-smollm2" in str(preferences)
                 else "the pipeline that writes it")
         raise TPODataError(
@@ -148,7 +152,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
 
     # Without a prefs stage the preference data comes from outside: rewritten in place, it
     # must make pit-sft-1 stale as a redone prefs stage would.
-    source = [] if prefs else [preferences / MANIFEST if preferences.is_dir() else preferences]
+    source = [] if prefs or hub_id else [preferences / MANIFEST if preferences.is_dir() else preferences]
     stages.append(Stage("rows", [py, "pipelines/pit.py", "--config", recipe, "--stage", "rows"],
                         store / SFT_VERSION / MANIFEST, needs=first, store_version=True,
                         settings={k: {**shared, **pipe}.get(k) for k in ROWS_KEYS}, reads=source))

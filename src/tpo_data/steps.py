@@ -12,8 +12,8 @@ never mistaking it for a parse failure.
 distilabel's cache cannot resume a run killed with SIGKILL: the batch that
 was in a step's input queue is lost while the batch manager counts it as
 sent, and the resumed run waits for it forever (upstream issue
-argilla-io/distilabel#1065). The checkpoints let the runner resume from the
-last finished batch instead.
+argilla-io/distilabel#1065). So pipelines run without it (``use_cache=False``)
+and the runner resumes from the last finished batch's checkpoint instead.
 """
 
 import hashlib
@@ -22,11 +22,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distilabel.mixins.signature import _EXCLUDE_FROM_SIGNATURE_DEFAULTS
 from distilabel.steps import Step, StepInput
 from distilabel.steps.tasks import Task
 from distilabel.utils import logging as distilabel_logging
-from pydantic import Field
 
 from tpo_data.parsing import split_output
 from tpo_data.files import write_text_atomic
@@ -48,18 +46,11 @@ _silence_httpx2()
 if TYPE_CHECKING:
     from distilabel.typing import StepOutput
 
-# The endpoint address changes between runs (ports, hosts); it must not
-# invalidate the cache a resumed run relies on.
-_EXCLUDE = _EXCLUDE_FROM_SIGNATURE_DEFAULTS | {"llm_base_url", "llm_base_urls", "llm_timeout",
-                                               "llm_max_retries"}
-
-
 class ThoughtGeneration(Task):
     """Sample K thought+response outputs for an instruction wrapped in a thought prompt."""
 
     prompt_user: str
     prompt_system: str | None = None
-    exclude_from_signature: set[str] = Field(default=_EXCLUDE, exclude=True)
 
     @property
     def inputs(self) -> list[str]:
