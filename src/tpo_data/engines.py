@@ -59,8 +59,8 @@ class EngineArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bf16 for vLLM, fp32 for transformers on CPU), "
-                  "float32, bfloat16, float16."},
+        metadata={"help": "Weights dtype: auto (bf16 for vLLM and for transformers on a GPU, fp32 for "
+                  "transformers on CPU), float32, bfloat16, float16."},
     )
     max_batch_sequences: int = field(
         default=64, metadata={"help": "transformers engine: sequences (prompts x K) per generate call."}
@@ -129,8 +129,8 @@ class BatchedTransformersLLM(LLM):
     """
 
     model: str
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on CPU
+    device: str = "auto"  # cuda when available
     seed: int = 0
     max_batch_sequences: int = 64
 
@@ -139,16 +139,18 @@ class BatchedTransformersLLM(LLM):
 
     def load(self) -> None:
         super().load()
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tpo_data.reward_models import resolve_device, resolve_dtype
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.model)
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
+        device = resolve_device(self.device)
         self._model = AutoModelForCausalLM.from_pretrained(
-            self.model, dtype=getattr(torch, self.dtype)
-        ).to(self.device)
+            self.model, dtype=resolve_dtype(self.dtype, device)
+        ).to(device)
         self._model.eval()
 
     @property
@@ -189,7 +191,7 @@ class BatchedTransformersLLM(LLM):
             enc = self._tokenizer(
                 [prompts[i] for i in chunk], return_tensors="pt", padding=True,
                 add_special_tokens=False,
-            ).to(self.device)
+            ).to(self._model.device)
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 torch.manual_seed(batch_seed(self.seed, [prompts[i] for i in chunk]))
                 out = self._model.generate(
@@ -234,9 +236,8 @@ def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: st
               base_url: str | None, served_name: str | None) -> LLM:
     """The distilabel LLM for the configured engine, with sampling settings attached."""
     if args.engine == "transformers":
-        dtype = "float32" if args.dtype == "auto" else args.dtype
         return BatchedTransformersLLM(
-            model=str(model_path), dtype=dtype, seed=sampling.seed,
+            model=str(model_path), dtype=args.dtype, seed=sampling.seed,
             max_batch_sequences=args.max_batch_sequences,
             generation_kwargs={"max_new_tokens": sampling.max_new_tokens,
                                "temperature": sampling.temperature, "top_p": sampling.top_p},
