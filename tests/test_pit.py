@@ -215,7 +215,12 @@ class _LengthJudge:
 
 
 def test_evaluate_with_fake_models():
-    shrink = lambda convs: ["s" for _ in convs]  # noqa: E731 - a Self-Refine that makes answers worse
+    prompts = []
+
+    def shrink(convs):  # a Self-Refine that makes answers worse
+        prompts.extend(c[-1]["content"] for c in convs)
+        return ["s" for _ in convs]
+
     judge = _LengthJudge()
     report = evaluate(["x", "y"], ["a", "bb"], _appender, _ScriptedGap([1.0] * 4), judge,
                       self_refine=shrink, rounds=2)
@@ -226,6 +231,10 @@ def test_evaluate_with_fake_models():
     assert [r["beat_previous"] for r in report["pit"]] == [1.0, 1.0]
     assert [r["calls_per_item"] for r in report["pit"]] == [2, 3]
     assert report["self_refine"][0]["beat_initial"] == 0.25  # "s" ties "a", loses to "bb"
+    # Self-Refine asks for feedback, then rewrites with it: 3 calls for one round, PIT's 2.
+    assert [r["calls_per_item"] for r in report["self_refine"]] == [3, 5]
+    assert len(prompts) == 2 * 2 * 2 and "Give specific, actionable feedback" in prompts[0]
+    assert prompts[2].endswith("Answer:\na\n\nFeedback:\ns")
     assert [r["pit_wins"] for r in report["pit_vs_self_refine"]] == [1.0, 1.0]
     assert report["pit_stop_rule"] == {"beat_initial": 1.0, "calls_per_item": 3.0, "changed": 1.0}
     assert report["initial_mean_chars"] == 1.5 and report["pit"][0]["mean_chars"] == 2.5

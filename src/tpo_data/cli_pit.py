@@ -7,8 +7,8 @@ score, then the best answer. Without ``--answer`` the first answer comes from
 ``--policy`` (default: the PIT model answering the instruction directly).
 
 ``pit-eval`` runs :func:`tpo_data.pit_eval.evaluate` on the held-out ``test`` rows of a
-PIT store version: PIT per round, PIT with the stop rule, and Self-Refine-style prompting
-of the policy at equal call counts, judged by an independent point-wise reward model
+PIT store version: PIT per round, PIT with the stop rule, and Self-Refine of the policy
+(feedback, then a rewrite with it: 3 calls for one round against PIT's 2), judged by an independent point-wise reward model
 (``--judge reward_model``) or a pair-wise LLM judge (``--judge pairwise``: the TPO judge
 prompt, both orders, forced verdicts; e.g. ``--judge-model embedded``). With ``--output
 report.json`` the answers and verdicts of every batch are saved in ``report.calls.jsonl``:

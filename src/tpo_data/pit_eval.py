@@ -13,8 +13,9 @@ pair-wise LLM judge (:class:`PairwiseLLMJudge`, the TPO judge prompt, both order
 
 - per round k (every item rewritten k times, no stop rule): the share of y_k that beat
   the answer they improved, y_{k-1}, and the share that beat y_0;
-- the same for Self-Refine-style prompting ("improve this answer") of a comparison
-  model, with the same number of model calls per item (one per round, after y_0);
+- the same for Self-Refine (the comparison model's feedback on the answer, then its
+  rewrite with that feedback: two calls per round, so 3 per item for one round against
+  PIT's 2, as METHOD.md 2 compares them);
 - the PIT answer chosen by the stop rule against y_0, with its mean call count.
 
 A win is a strictly higher judge score; a tie counts one half (identical rewrites are common
@@ -44,15 +45,36 @@ from tpo_data.errors import TPODataError
 from tpo_data.files import read_jsonl_log
 from tpo_data.pit import improvement_messages, should_stop
 
-SELF_REFINE_PROMPT = (
-    "Here is an instruction and an answer to it. Improve this answer: make it more helpful, "
-    "more accurate and harmless. Reply with the improved answer only.\n\n"
+# Self-Refine (Madaan et al. 2023), the baseline METHOD.md 2 compares PIT with: the model
+# criticises its answer, then rewrites it using that feedback. Two calls per round, so with
+# the first answer 3 calls against PIT's 2.
+SELF_REFINE_FEEDBACK_PROMPT = (
+    "Here is an instruction and an answer to it. Give specific, actionable feedback on how the "
+    "answer could be more helpful, more accurate and harmless. Do not rewrite the answer.\n\n"
     "Instruction:\n{instruction}\n\nAnswer:\n{answer}"
+)
+SELF_REFINE_PROMPT = (
+    "Here is an instruction, an answer to it and feedback on that answer. Improve the answer "
+    "using the feedback. Reply with the improved answer only.\n\n"
+    "Instruction:\n{instruction}\n\nAnswer:\n{answer}\n\nFeedback:\n{feedback}"
 )
 
 
-def self_refine_messages(instruction: str, answer: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": SELF_REFINE_PROMPT.format(instruction=instruction, answer=answer)}]
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def self_refine_round(model: Any, instructions: Sequence[str], answers: Sequence[str]) -> list[str]:
+    """One Self-Refine round: ``model``'s feedback on every answer, then its rewrite with it."""
+    feedback = model([_user(SELF_REFINE_FEEDBACK_PROMPT.format(instruction=x, answer=y))
+                      for x, y in zip(instructions, answers)])
+    return model([_user(SELF_REFINE_PROMPT.format(instruction=x, answer=y, feedback=f))
+                  for x, y, f in zip(instructions, answers, feedback)])
+
+
+def pit_round(model: Any, instructions: Sequence[str], answers: Sequence[str]) -> list[str]:
+    """One PIT round: one rewrite of every answer."""
+    return model([improvement_messages(x, y) for x, y in zip(instructions, answers)])
 
 
 class CallLedger:
@@ -227,7 +249,7 @@ def improve_many(instructions: Sequence[str], answers: Sequence[str], pit: Any, 
     for round_number in range(1, max_rounds + 1):
         if not active:
             break
-        new = pit([improvement_messages(results[i].instruction, current[i]) for i in active])
+        new = pit_round(pit, [results[i].instruction for i in active], [current[i] for i in active])
         gaps = gap_model.calibrated_gap([results[i].instruction for i in active], new,
                                         [current[i] for i in active])
         still = []
@@ -299,18 +321,18 @@ def _mean_chars(texts: Sequence[str]) -> float:
     return sum(len(t) for t in texts) / max(1, len(texts))
 
 
-def _rounds(generate: Any, prompt: Any, instructions: Sequence[str], initial: Sequence[str],
+def _rounds(model: Any, step: Any, instructions: Sequence[str], initial: Sequence[str],
             rounds: int) -> list[list[str]]:
-    """Answers after 1..rounds rewrites, each rewriting the previous one (no stop rule)."""
+    """Answers after 1..rounds rounds of ``step``, each on the previous answers (no stop rule)."""
     history = [list(initial)]
     for _ in range(rounds):
-        history.append(generate([prompt(x, y) for x, y in zip(instructions, history[-1])]))
+        history.append(step(model, instructions, history[-1]))
     return history
 
 
 def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_model: Any, judge: Any,
              self_refine: Any | None = None, rounds: int = 2, threshold: float = 0.0) -> dict[str, Any]:
-    """PIT per round, PIT with the stop rule, and Self-Refine at equal calls, judged by ``judge``.
+    """PIT per round, PIT with the stop rule, and Self-Refine per round, judged by ``judge``.
 
     ``pit``/``self_refine`` map message lists to answers (:class:`ChatModel`); ``gap_model``
     has ``calibrated_gap(x, new, last)``; ``judge`` has ``score(x, y)`` (point-wise) or
@@ -322,19 +344,20 @@ def evaluate(instructions: Sequence[str], initial: Sequence[str], pit: Any, gap_
         raise TPODataError("The judge is the gap reward model PIT was trained against.",
                            "Judge with an independent point-wise reward model (--judge_model).")
     report: dict[str, Any] = {"items": len(instructions), "rounds": rounds}
-    methods = {"pit": (pit, improvement_messages)}
+    # name: (model, one round, calls per round)
+    methods = {"pit": (pit, pit_round, 1)}
     if self_refine is not None:
-        methods["self_refine"] = (self_refine, self_refine_messages)
+        methods["self_refine"] = (self_refine, self_refine_round, 2)
     histories = {}
-    for name, (generate, prompt) in methods.items():
-        history = _rounds(generate, prompt, instructions, initial, rounds)
+    for name, (model, step, per_round) in methods.items():
+        history = _rounds(model, step, instructions, initial, rounds)
         histories[name] = history
         report[name] = []
         for k in range(1, rounds + 1):
             previous = _win_share(judge, instructions, history[k], history[k - 1])
             report[name].append({
                 "round": k,
-                "calls_per_item": k + 1,  # y_0 plus one rewrite per round
+                "calls_per_item": 1 + k * per_round,  # y_0, then each round's calls
                 "beat_previous": previous,
                 # In round 1 the previous answer is y_0: the same comparison, not judged twice.
                 "beat_initial": previous if k == 1 else _win_share(judge, instructions, history[k], history[0]),
