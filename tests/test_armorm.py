@@ -232,8 +232,8 @@ def test_layout_errors(armorm_dir, tmp_path):
 
 
 def test_checkpoint_without_architectures(armorm_dir, tmp_path):
-    """Older checkpoints omit config.json's architectures: an explicit kind='armorm' loads them
-    (the weight check still runs); auto-detection cannot, and says what to pass."""
+    """Older checkpoints omit config.json's architectures: an explicit kind='armorm' loads them,
+    and the weight check still refuses a folder without ArmoRM's tensors."""
     folder = _copy_checkpoint(armorm_dir, tmp_path / "no-arch")
     config = json.loads((folder / "config.json").read_text())
     del config["architectures"]

@@ -222,7 +222,8 @@ def test_push_to_hub_publishes_the_finished_model(store: LocalStore, tiny_lm: Pa
         result = subprocess.run(
             [sys.executable, SCRIPT, *train_args(store, out, "--use_peft", "--lora_r", "4",
                                                  "--save_strategy", "steps", "--save_steps", "1",
-                                                 "--push_to_hub", "true", "--hub_model_id", repo)],
+                                                 "--push_to_hub", "true", "--hub_model_id", repo,
+                                                 "--hub_token", TOKEN)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
@@ -237,6 +238,10 @@ def test_push_to_hub_publishes_the_finished_model(store: LocalStore, tiny_lm: Pa
         assert published[name] == (out / name).read_bytes(), name
     assert json.loads(published["lineage.json"])["adapter"]["merged"] is True
     assert TOKEN not in result.stdout + result.stderr + state
+    # The Trainer pickles its arguments into training_args.bin: the token must not be in them.
+    assert "adapter/training_args.bin" in files
+    assert not any(TOKEN.encode() in data for data in published.values())
+    assert not any(TOKEN.encode() in f.read_bytes() for f in out.rglob("*") if f.is_file())
 
 
 def test_push_to_hub_needs_a_model_id(store: LocalStore, tmp_path: Path) -> None:

@@ -398,15 +398,17 @@ def test_reward_step_push_to_hub_includes_the_gap_marker(pit_run, tmp_path):
         done = subprocess.run(
             [sys.executable, "trainers/pit.py", "reward", "--config", RECIPE, "--store", str(pit_run["store"]),
              "--model", str(pit_run["lm"]), "--output_dir", str(out), "--push_to_hub", "true",
-             "--hub_model_id", repo],
+             "--hub_model_id", repo, "--hub_token", TOKEN],
             env=client_env(tmp_path, hub.url, TOKEN), capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        marker = hub.read_file(repo, "main", GAP_MARKER, "model")
-        weights = hub.read_file(repo, "main", "model.safetensors", "model")
-    assert json.loads(marker)["kind"] == "pit-gap-reward"
-    assert weights == (out / "model.safetensors").read_bytes()
+        names = hub.repo(repo, "model").commits[hub.repo(repo, "model").resolve("main")].files
+        published = {name: hub.read_file(repo, "main", name, "model") for name in names}
+    assert json.loads(published[GAP_MARKER])["kind"] == "pit-gap-reward"
+    assert published["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert TOKEN not in done.stdout + done.stderr
+    # Not in the pickled training arguments either (training_args.bin).
+    assert not any(TOKEN.encode() in data for data in published.values())
 
 
 def test_rl_step_refuses_zero3(pit_run, tmp_path, monkeypatch):
@@ -554,8 +556,9 @@ def test_pit_eval_cli_end_to_end_and_resumed(pit_run, tmp_path, capsys, monkeypa
     chats = [e for e in entries if e["who"].startswith("--pit-model")]
     verdicts = [e for e in entries if e["who"].startswith("--judge-model")]
     rewrites = round((report["pit_stop_rule"]["calls_per_item"] - 1) * 2)
-    # y_0, two PIT rounds, two Self-Refine rounds (the policy is the PIT model), the stop rule's rewrites.
-    assert len(chats) == 2 + 2 * 2 + 2 * 2 + rewrites
+    # y_0, two PIT rounds, two Self-Refine rounds of feedback + rewrite (the policy is the PIT
+    # model), the stop rule's rewrites.
+    assert len(chats) == 2 + 2 * 2 + 2 * 2 * 2 + rewrites
     assert len(verdicts) == report["judge_calls"]["calls"] and {e["value"]["r"] for e in verdicts} <= {-1, 0, 1}
     keys = _ledger_keys(ledger)
     assert len(set(keys)) == len(keys)

@@ -68,7 +68,8 @@ def add_cli(subparsers: Any) -> None:
     evaluate.add_argument("--store", required=True, help="store folder holding the PIT version")
     evaluate.add_argument("--version", default="pit-sft-1", help="version with a 'test' config")
     evaluate.add_argument("--self-refine-model",
-                          help="model prompted to 'improve this answer' (default: --policy; 'none' skips it)")
+                          help="Self-Refine model: asked for feedback on the answer, then to rewrite it "
+                               "with that feedback (default: --policy; 'none' skips it)")
     evaluate.add_argument("--max-items", type=int, default=16,
                           help="held-out instructions to evaluate (one item each, however many rows it has)")
     evaluate.add_argument("--rounds", type=int, default=2)

@@ -81,6 +81,13 @@ def _hub_cache_only():
         yield
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """A Hub dataset id is "name" or "owner/name" and no local path; anything else (a path that
+    exists, starts like one, or has a file suffix) was meant as a local file or folder."""
+    path = Path(source)
+    return not (path.exists() or source.startswith((".", "/", "~")) or path.suffix or source.count("/") > 1)
+
+
 def read_preferences(args: PITPipelineArguments) -> tuple[list[dict[str, Any]], str]:
     """Preference rows and a description of their source for the manifest."""
     source = args.preferences
@@ -99,8 +106,7 @@ def read_preferences(args: PITPipelineArguments) -> tuple[list[dict[str, Any]], 
             raise TPODataError(f"Unsupported preference file {path}.", "Use .jsonl, .json or .parquet.")
         rows = load_dataset(kind, data_files=str(path), split="train").to_list()
         described = f"file:{path.resolve()}"
-    elif path.exists() or source.startswith((".", "/", "~")) or path.suffix or source.count("/") > 1:
-        # A Hub id is "name" or "owner/name"; anything else was meant as a local path.
+    elif not looks_like_hub_id(source):
         state = "is neither a preference file nor a store version folder" if path.exists() else "does not exist"
         raise TPODataError(f"--preferences {source} {state}.",
                            "Pass a .jsonl/.json/.parquet file or a TPO store version folder like "

@@ -116,11 +116,13 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     sections = {name: data.get(name) or {} for name in ("sft", "reward", "rl", "rl2", "eval")}
     for name in ("sft", "reward", "rl", "rl2"):
         _require(sections[name], "output_dir", name, recipe)
+    from tpo_data.pit_data import looks_like_hub_id
+
     named = str(_require(pipe, "preferences", "pipeline", recipe))
     preferences = Path(named)
     # A Hub dataset id (Anthropic/hh-rlhf) that is no local path: the rows stage reads it from the
     # local Hugging Face cache, and says how to fill the cache if it is not there.
-    hub_id = named.count("/") == 1 and not named.startswith((".", "/", "~")) and not preferences.exists()
+    hub_id = looks_like_hub_id(named)
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
     stages: list[Stage] = []
 

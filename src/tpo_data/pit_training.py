@@ -347,8 +347,8 @@ def _load(auto_class: Any, path: str, config, **kwargs: Any) -> Any:
 
 
 def _train_and_save(trainer: Any, config) -> Path:
-    """Train (resuming from ``--resume_from_checkpoint``) and save loadable full weights to
-    ``output_dir``, as trainers/dpo.py does."""
+    """Train (resuming from ``--resume_from_checkpoint``) and save full weights to ``output_dir``,
+    as trainers/dpo.py does (``main`` checks them)."""
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if trainer.is_fsdp_enabled:
         # save_model writes nothing from sharded state dicts (FSDP2's default): gather a full one.
@@ -356,8 +356,6 @@ def _train_and_save(trainer: Any, config) -> Path:
     out = Path(config.output_dir)
     trainer.save_model(str(out))  # gathers sharded weights, so every process calls it
     trainer.accelerator.wait_for_everyone()
-    if config.should_save:
-        check_saved(out, adapter=False)
     return out
 
 
@@ -427,7 +425,8 @@ def check_round_two(data: PITDataArguments, stage: RLStageArguments, path: str, 
         raise TPODataError(
             f"RL round 2 would start from {path}, which no RL round 1 wrote (no {RL_MARKER} of round 1): "
             "that skips round 1 (METHOD.md 2.4: round 2 alone +1.7%, both rounds +13.0%)",
-            "pass --model ROUND1_OUTPUT_DIR (the rl section's output_dir), as recipes/pit-smollm2.yaml's rl2 does",
+            "pass --model ROUND1_OUTPUT_DIR (the rl section's output_dir), as recipes/pit-smollm2.yaml's rl2 "
+            f"does; a round-1 policy trained before tpo-data wrote {RL_MARKER} must be trained again",
         )
     if Path(output_dir).resolve() == Path(path).resolve():
         raise TPODataError(f"RL round 2 would write over the model it starts from ({path})",
@@ -505,16 +504,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     }[stage]
     data, args, config = parse_stage(stage, (PITDataArguments, *types), rest, training=True,
                                      prog=f"trainers/pit.py {stage}")
-    push = config.push_to_hub
+    push, token = config.push_to_hub, config.hub_token
     if push:
-        hub.check_model_push(config.hub_model_id, config.hub_token)
-        # Ours, once the folder is complete: the Trainer's own push runs before the gap marker exists.
-        config.push_to_hub = False
+        hub.check_model_push(config.hub_model_id, token)
+    # Ours, once the folder is complete: the Trainer's own push runs before the gap marker exists.
+    # The token leaves the arguments: the Trainer pickles them whole into training_args.bin.
+    config.push_to_hub, config.hub_token = False, None
     # Before any model is built: the reward stage's new score head is drawn from the global RNG.
     set_seed(config.seed)
     out = run(data, args, config)
+    # After the stage's last barrier: a rank that raises here leaves no other rank waiting.
+    if config.should_save:
+        check_saved(out, adapter=False)
     if push and PartialState().is_main_process:
-        commit = hub.publish_model(out, config.hub_model_id, token=config.hub_token,
+        commit = hub.publish_model(out, config.hub_model_id, token=token,
                                    private=config.hub_private_repo, revision=config.hub_revision)
         print(f"Published the {stage} model to the Hub: {config.hub_model_id} (commit {commit})")
     end_process_group()
