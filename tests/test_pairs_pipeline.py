@@ -372,6 +372,12 @@ def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):
         tpo_main([*args[:-1], other_rho])
     assert (store.path("iter-1") / "manifest.json").read_bytes() == manifest
     assert not (tmp_path / "other" / "iter-1" / "pairs_stats.json").exists()
+    # Nor when that other run has statistics of its own (it finished on its own store first).
+    tpo_main(other[:-2])
+    assert (tmp_path / "other" / "iter-1" / "pairs_stats.json").exists()
+    with pytest.raises(TPODataError, match="Version iter-1 in store .* is not what this run makes: "
+                                           "its instruction slice differ"):
+        tpo_main(other)
 
     _dpo_two_steps(tiny_lm, pairs, tmp_path / "dpo")
 

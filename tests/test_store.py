@@ -233,7 +233,7 @@ def test_existing_version_is_refused_and_untouched(built: LocalStore) -> None:
     assert not [p for p in built.root.iterdir() if p.name.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("name", ["../escape", "iter 1", "-iter", "iter-1.", "a..b", "", "iter-1.lock"])
+@pytest.mark.parametrize("name", ["../escape", "iter 1", "-iter", "iter-1.", "a..b", "", "iter-1.lock", "reviews"])
 def test_invalid_version_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(TPODataError, match="invalid version name"):
         LocalStore(tmp_path).write_version(name, {}, {}, "card")

@@ -2,8 +2,8 @@
 
 :func:`add_cli` registers the ``argilla`` command on the ``tpo-data`` argparse
 parser; each subcommand sets ``func`` to a handler taking the parsed arguments
-and returning an exit code. ``python -m tpo_data.cli_argilla ...`` runs them on
-their own. The server and key come only from ARGILLA_API_URL and
+and returning an exit code (``tpo-data argilla ...``, or ``python -m tpo_data.cli
+argilla ...``). The server and key come only from ARGILLA_API_URL and
 ARGILLA_API_KEY (never an argument: it would land in shell history and process
 lists). ``pull`` writes ``<store>/reviews/<version>.json``, which ``apply`` reads.
 """

@@ -2,7 +2,7 @@
 
 :func:`add_cli` registers the three subcommands on the ``tpo-data`` argparse
 parser; each sets ``func`` to a handler taking the parsed arguments and returning
-an exit code. ``python -m tpo_data.cli_store ...`` runs them on their own.
+an exit code (``tpo-data versions ...``, or ``python -m tpo_data.cli versions ...``).
 The token is never a command-line argument (it would land in shell history and
 process lists): it comes from HF_TOKEN or ``hf auth login``.
 """

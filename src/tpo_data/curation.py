@@ -363,7 +363,7 @@ def push_for_review(
     if pairs.num_rows == 0:
         raise TPODataError(
             f"version {version} has no pairs to review (every instruction was dropped; "
-            f"`tpo-data show {version}` says why)",
+            f"`tpo-data show {version} --store {store.root}` says why)",
             "review a version with pairs, or generate again with more instructions or samples",
         )
     ids = [str(i) for i in pairs["instruction_id"]]
@@ -476,7 +476,8 @@ def pull_reviews(
         if dataset is None:
             raise TPODataError(
                 f"no Argilla dataset named {name!r} at {url}",
-                f"push the version first (`tpo-data argilla push {version}`), or pass --dataset_name/--workspace",
+                f"push the version first (`tpo-data argilla push {version} --store {store.root}`), "
+                "or pass --dataset_name/--workspace",
             )
         reviewers: dict[Any, str] = {}
         in_argilla: set[str] = set()

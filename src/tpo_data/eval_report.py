@@ -60,7 +60,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c['model']} | {c['reference']} | " + " | ".join(cells) + " |")
     judge = report["judge"]
     if judge.get("calls"):
-        lines += ["", f"Judge calls: {judge['calls']}, unparsable {judge['unparsable']}, "
+        lines += ["", f"Judge calls: {judge['calls']}, tied or without a verdict {judge['unparsable']}, "
                   f"verdicts forced {judge.get('forced', 0)}."]
         if note := position_note(judge):
             lines += ["", note]

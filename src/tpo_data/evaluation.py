@@ -88,6 +88,11 @@ class EvalArguments:
         default=None, metadata={"help": "Report folder (default: <output_dir>/eval)."}
     )
 
+    def __post_init__(self) -> None:
+        if self.eval_size < 0:
+            raise TPODataError(f"--eval_size {self.eval_size} is negative.",
+                               "Pass 0 (every held-out instruction) or a positive count.")
+
 
 @dataclass(frozen=True)
 class EvalModel:
@@ -174,7 +179,9 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
     A model that the judge's vLLM server serves anyway answers through that server.
     """
     prompt, one = load_prompt(model.prompt), replace(sampling, num_samples=1)
-    answerer = model_fingerprint(path, generation_spec(prompt, one, model.path, path))
+    # The engine too: vLLM (bf16 by default) and transformers (fp32 on CPU) sample differently.
+    answerer = model_fingerprint(path, {**generation_spec(prompt, one, model.path, path),
+                                        "engine": engine.engine, "dtype": engine.dtype})
     out_dir = folder / "outputs" / f"{model.name}-{answerer}"
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     if any(not ledger.finished(r["id"], False) for r in rows):
@@ -192,13 +199,16 @@ class JudgeServer:
     def __init__(self, judge: JudgeArguments, engine: EngineArguments, sampling: SamplingArguments,
                  judge_path: str, folder: Path, stack: ExitStack):
         self.engine, _ = judge_engine_args(judge, engine, same_model=False)
+        # Only a model the policy engine would also serve through a vLLM server of its own, with
+        # the same settings: answers through the judge's server are then the same as its own.
+        self.shareable = engine.engine == self.engine.engine == "vllm" and not engine.base_url
         self.sampling = judge_sampling(judge, sampling)
         self.path, self.folder, self.stack = judge_path, folder, stack
         self._endpoint: tuple[str | None, str | None] | None = None
 
     def serves(self, model_path: str) -> bool:
         # Only a vLLM server we start is worth sharing; in-process models load per use anyway.
-        return (self.engine.engine == "vllm" and not self.engine.base_url
+        return (self.shareable and not self.engine.base_url
                 and Path(model_path).resolve() == Path(self.path).resolve())
 
     def endpoint(self) -> tuple[str | None, str | None]:
@@ -318,9 +328,11 @@ def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[s
                       judge_path: str, server: JudgeServer | None, folder: Path) -> dict[str, Any]:
     label = f"{judge.judge} {judge.judge_model}" + (
         f" ({judge.judge_engine or engine.engine})" if judge.judge == "pairwise" else "")
+    # The judge's weights (a judge retrained at the same path is another judge) and endpoint too.
     cache = JudgmentCache(folder / "judgments.jsonl", json.dumps(
         [label, judge.judge_max_new_tokens, judge.judge_temperature, judge.force_verdict,
-         judge_path, *([judge.reward_max_length] if judge.judge == "reward_model" else [])]))
+         judge_path, *([judge.reward_max_length] if judge.judge == "reward_model" else []),
+         model_fingerprint(judge_path, {}), judge.judge_base_url]))
 
     def shown(name: str, i: int) -> str:
         row = answers[name][i]

@@ -142,6 +142,8 @@ def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineA
     version = f"iter-{run.iteration}"
     stats_path = run.iteration_dir() / STATS_FILE
     if (store.root / version / MANIFEST).is_file() and stats_path.is_file():
+        # The stats are this run's; the version may be another run's (a --store shared later).
+        _check_own_version(store, version, result, engine)
         log.info("Version %s already exists in %s; nothing to write", version, store.root)
         return json.loads(stats_path.read_text())
     data = build_iteration_data(result.rows, prompt, judge, run.iteration)
@@ -181,8 +183,9 @@ def trained_on(model: str, store: LocalStore) -> str | None:
 
 
 def _check_own_version(store: LocalStore, version: str, result: GenerationResult,
-                       engine: EngineArguments, data: IterationData) -> None:
-    """Refuse to report (and train on) a stored version whose pairs are not the ones this run selects."""
+                       engine: EngineArguments, data: IterationData | None = None) -> None:
+    """Refuse to report (and train on) a stored version whose pairs are not the ones this run selects
+    (without ``data``, only its parent model and instruction slice are compared)."""
     manifest = store.manifest(version)
 
     def key(pairs) -> list:
@@ -193,7 +196,7 @@ def _check_own_version(store: LocalStore, version: str, result: GenerationResult
         ("instruction slice", [r["id"] for r in result.rows],
          (manifest.get("instruction_slice") or {}).get("ids")),
     ) if mine != stored]
-    if not differ and key(store.load(version, "pairs")) != key(data.pairs):
+    if not differ and data is not None and key(store.load(version, "pairs")) != key(data.pairs):
         differ = ["pairs (other selection settings, such as --rho or --reject_truncated)"]
     if differ:
         raise TPODataError(

@@ -235,7 +235,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     n_cut = stats.get("judge_truncated")
     cut = f"; {n_cut} responses longer than the reward model's max_length, scored on their start only" if n_cut else ""
     return (
-        f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} unparsable"
+        f"Judge: {judge}, {stats['judge_calls']} calls, {stats['judge_unparsable']} tied or without a verdict"
         f"{forced}{cut}\n{_position_line(stats)}"
         f"Pairs kept: {stats['pairs_kept']}/{stats['instructions']} instructions "
         f"(parse rate {stats['parse_rate']:.1%}); dropped: {drops}\n"

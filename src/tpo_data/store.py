@@ -66,11 +66,14 @@ _LIBRARIES = (
     "torch",
 )
 _RESERVED = {CARD, MANIFEST}
+# Folders of the store that are not versions: `tpo-data argilla pull` writes reviews/<version>.json.
+_NOT_VERSIONS = {"reviews"}
 
 
 def _is_version_name(version: str) -> bool:
     # git refuses ref names ending in ".lock", so such a version could not be tagged.
-    return bool(_VERSION_RE.match(version)) and ".." not in version and not version.endswith(".lock")
+    return (bool(_VERSION_RE.match(version)) and ".." not in version and not version.endswith(".lock")
+            and version not in _NOT_VERSIONS)
 
 
 def check_version_name(version: str) -> None:
@@ -79,8 +82,8 @@ def check_version_name(version: str) -> None:
         raise TPODataError(
             f"invalid version name {version!r}",
             "use letters, digits, '.', '_' and '-' only, "
-            "starting and ending with a letter or digit, not ending in '.lock' "
-            "(for example iter-3 or iter-3-rerun)",
+            "starting and ending with a letter or digit, not ending in '.lock', not 'reviews' "
+            "(the store's reviews folder; for example iter-3 or iter-3-rerun)",
         )
 
 
