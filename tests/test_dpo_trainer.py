@@ -244,6 +244,25 @@ def test_push_to_hub_publishes_the_finished_model(store: LocalStore, tiny_lm: Pa
     assert not any(TOKEN.encode() in f.read_bytes() for f in out.rglob("*") if f.is_file())
 
 
+def test_resume_refuses_a_checkpoint_of_other_data(store: LocalStore, tmp_path: Path) -> None:
+    """--resume_from_checkpoint continues on the data the run started on; a checkpoint trained on
+    other pairs would be finished on these with a lineage naming only these."""
+    out = tmp_path / "model"
+    assert main(train_args(store, out, "--save_strategy", "steps", "--save_steps", "1")) == out
+    recorded = json.loads((out / "training_data.json").read_text())
+    assert recorded["version"] == "iter-1" and recorded["manifest_sha256"] == store.manifest_sha256("iter-1")
+    other = LocalStore(tmp_path / "other")
+    pairs, candidates = make_iteration(1, n_instructions=6)
+    write_iteration(other, "iter-1", pairs=pairs, candidates=candidates, iteration=1,
+                    parent_model=recorded["parent_model"], recipe=RECIPE, seed=0, instruction_slice=None)
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-2")]
+    with pytest.raises(TPODataError, match="belongs to a run on other data or another parent model: manifest_sha256"):
+        main([*TINY, "--dataset_store", str(other.root), "--dataset_version", "iter-1",
+              "--output_dir", str(out), *resume])
+    # The same data resumes (the run is complete: nothing is left to train, the model is saved again).
+    assert main(train_args(store, out, *resume)) == out
+
+
 def test_push_to_hub_needs_a_model_id(store: LocalStore, tmp_path: Path) -> None:
     with pytest.raises(TPODataError, match="--hub_model_id your-user/model-name"):
         main(train_args(store, tmp_path / "model", "--push_to_hub", "true"))

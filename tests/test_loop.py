@@ -375,6 +375,30 @@ def test_training_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert "--resume_from_checkpoint" not in cmd and "--overwrite_output_dir" in cmd
 
 
+def test_training_resumes_only_on_the_data_it_started_on(tmp_path):
+    """A run that died training on iter-1 is not resumed to train on iter-1-curated (a rerun with
+    --curation): its checkpoint holds steps on other data. It starts over in the folder."""
+    from test_store import write_test_iteration
+
+    from tpo_data.loop import LoopArguments, train_command
+    from tpo_data.training import RESUME_DATA
+
+    store = LocalStore(tmp_path / "store")
+    write_test_iteration(store, 1)
+    write_test_iteration(store, 1, "iter-1-curated")
+    out = tmp_path / "models" / "iter-1"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    started = {"source": "store", "version": "iter-1", "manifest_sha256": store.manifest_sha256("iter-1"),
+               "parent_model": "embedded"}
+    (out / RESUME_DATA).write_text(json.dumps(started))
+    resume = train_command(LoopArguments(), store.root, "iter-1", "embedded", out)
+    assert resume[resume.index("--resume_from_checkpoint") + 1] == str(out / "checkpoint-2")
+    for version, parent in (("iter-1-curated", "embedded"), ("iter-1", "other-parent")):
+        cmd = train_command(LoopArguments(), store.root, version, parent, out)
+        assert "--resume_from_checkpoint" not in cmd and "--overwrite_output_dir" in cmd
+
+
 def test_launcher_comes_from_this_environment(tmp_path, monkeypatch):
     import sys
     from pathlib import Path

@@ -125,6 +125,19 @@ def generator(seed_model: str, output_dir: str | Path, iteration: int) -> str:
     return str(previous)
 
 
+def _same_data(out: Path, store: Path, version: str, parent: str) -> bool:
+    """Whether the run in ``out`` started on ``version`` of ``store`` from ``parent`` (unknown:
+    yes). A rerun with --curation trains on iter-t-curated: it must not resume iter-t's run."""
+    from tpo_data.training import RESUME_DATA
+
+    path = out / RESUME_DATA
+    if not path.is_file():
+        return True
+    recorded = json.loads(path.read_text("utf-8"))
+    return (recorded.get("version"), recorded.get("manifest_sha256"), recorded.get("parent_model")) == (
+        version, LocalStore(store).manifest_sha256(version), parent)
+
+
 def train_command(loop: LoopArguments, store: Path, version: str, parent: str, out: Path) -> list[str]:
     """The training child process: resume a run that died, replace a folder with no checkpoint."""
     launcher = shlex.split(loop.launcher) if loop.launcher else [sys.executable]
@@ -139,7 +152,7 @@ def train_command(loop: LoopArguments, store: Path, version: str, parent: str, o
     # mid-save leaves a folder without it, and resuming from that would fail every rerun.
     checkpoints = sorted((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
                          key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    if checkpoints:
+    if checkpoints and _same_data(out, store, version, parent):
         cmd += ["--resume_from_checkpoint", str(checkpoints[-1])]
     elif out.is_dir() and any(out.iterdir()):
         cmd += ["--overwrite_output_dir", "true"]

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 PAIRS = "pairs"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 LINEAGE = "lineage.json"
+# What a run in an output_dir trains on, written when it starts: a resume must train on the same.
+RESUME_DATA = "training_data.json"
 CARD = "README.md"
 ADAPTER = "adapter"
 
@@ -419,6 +421,27 @@ def check_output_dir(args: TrainArguments, training_args: DPOConfig) -> None:
     state.wait_for_everyone()
 
 
+def check_resume_data(training_args: DPOConfig, data: dict[str, Any]) -> None:
+    """Resume only on the data the run started on (recorded in output_dir's RESUME_DATA); a new
+    run records its data. A checkpoint trained on one version and finished on another would
+    carry a lineage naming only the second."""
+    from accelerate import PartialState
+
+    path = Path(training_args.output_dir) / RESUME_DATA
+    if training_args.resume_from_checkpoint and path.is_file():
+        recorded = json.loads(path.read_text("utf-8"))
+        differ = sorted(k for k in recorded.keys() | data.keys() if recorded.get(k) != data.get(k))
+        if differ:
+            raise TPODataError(
+                f"{training_args.resume_from_checkpoint} belongs to a run on other data or another parent "
+                "model: " + "; ".join(f"{k} was {recorded.get(k)!r}, now {data.get(k)!r}" for k in differ),
+                "resume with the data and --model it started with, or start again with "
+                "--overwrite_output_dir true (without --resume_from_checkpoint)",
+            )
+    elif not training_args.resume_from_checkpoint and PartialState().is_main_process:
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
 def check_peft(model_args: ModelConfig) -> None:
     if model_args.use_peft and importlib.util.find_spec("peft") is None:
         raise TPODataError(
@@ -672,6 +695,9 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
     source, train_ds, eval_ds, eval_lineage = load_data(script_args, training_args.seed)
     check_eval_settings(training_args, eval_ds is not None)
     parent = resolve_parent(script_args, model_args, source.manifest)
+    # Not the store's path: a moved store holds the same data (its manifest sha says so).
+    check_resume_data(training_args, {**{k: v for k, v in source.lineage.items() if k != "store"},
+                                      "parent_model": parent})
     with state.main_process_first():  # "embedded" is converted once, by one process
         model_path = resolve_model(parent)
     check_mergeable(model_args, model_path)
