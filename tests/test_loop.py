@@ -278,8 +278,13 @@ def test_eval_needs_a_trained_model(tiny_lm, tmp_path):
 
 
 def test_eval_refuses_judge_prompts_over_the_context(tiny_lm, tmp_path):
-    """Checked before any answer is generated, as for training pairs."""
+    """Checked before any answer is generated, as for training pairs; so is the answering models' own."""
     from tpo_data.loop import eval_main
+
+    with pytest.raises(TPODataError, match="do not fit the model's context of 2048 tokens"):
+        eval_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path), "--judge",
+                   "pairwise", "--eval_size", "2", "--eval_models", f"M0={tiny_lm}", f"M1={tiny_lm}",
+                   "--max_new_tokens", "2040", "--eval_dir", str(tmp_path / "eval")])
 
     with pytest.raises(TPODataError, match="may not fit the pair-wise judge's context of 2048 tokens"):
         eval_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(tmp_path), "--judge",

@@ -51,6 +51,7 @@ from tpo_data.models import model_fingerprint, resolve_model
 from tpo_data.pipeline import (
     GenerationLedger,
     RunArguments,
+    check_context,
     check_judge_context,
     generate_samples,
     generation_spec,
@@ -304,9 +305,14 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
         check_one_model_per_endpoint(engine, f"the evaluation compares {distinct} models")
     seed_path = paths[models[0].name]
     judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
-    if judge.judge == "pairwise":
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    # Before any answer: an over-long request would fail its whole batch, reported as a dead server.
+    for m in models:
+        if context := serving_context(paths[m.name], engine):
+            check_context(rows, load_prompt(m.prompt), AutoTokenizer.from_pretrained(paths[m.name]),
+                          sampling.max_new_tokens, context)
+    if judge.judge == "pairwise":
         judge_context = serving_context(judge_path, judge_engine_args(judge, engine, same_model=False)[0])
         if judge_context:
             check_judge_context(rows, AutoTokenizer.from_pretrained(judge_path), sampling.max_new_tokens,
