@@ -751,6 +751,17 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
                                        "--output_dir", "outputs/pit-smollm2/rl-2", "--round", "2"]
     assert by["rl-2"].needs == ["rl-1", "refs-2", "sft", "reward"] and by["sft"].stamp
     assert "--judge" in by["eval"].command and str(by["eval"].marker) == "outputs/pit-smollm2/eval.json"
+    # A renamed store version must be the one every reader names, else a stage waits for the wrong marker.
+    renamed = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
+    renamed["pipeline"]["sft_version"] = "rows-v2"
+    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(renamed))
+    with pytest.raises(TPODataError, match=r"writes rows-v2, but the top level .* reads version pit-sft-1") as err:
+        plan(tmp_path / "renamed.yaml")
+    assert "Set `version: rows-v2` in the top level" in err.value.fix
+    renamed["version"] = renamed["eval"]["version"] = "rows-v2"
+    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(renamed))
+    (rows,) = [s for s in plan(tmp_path / "renamed.yaml") if s.name == "rows"]
+    assert rows.marker.parent.name == "rows-v2"
     recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
     # Without a prefs section, missing preference data is an error naming what to run.
     del recipe["prefs"]

@@ -106,6 +106,24 @@ def _require(section: dict[str, Any], key: str, where: str, recipe: str) -> Any:
     return section[key]
 
 
+def _versions(recipe: str, data: dict[str, Any], shared: dict[str, Any], pipe: dict[str, Any],
+              sections: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """The store versions the pipeline writes, once every stage that reads them names the same."""
+    sft_version = {**shared, **pipe}.get("sft_version", SFT_VERSION)
+    refs_version = {**shared, **pipe}.get("refs_version", REFS_VERSION)
+    rl2 = {**shared, **sections["rl"], **sections["rl2"]}
+    for where, key, named, written in (
+        ("the top level (the trainers' data)", "version", data.get("version", SFT_VERSION), sft_version),
+        ("the eval section", "version", sections["eval"].get("version", SFT_VERSION), sft_version),
+        ("the rl2 section", "refs_version", rl2.get("refs_version", REFS_VERSION), refs_version),
+    ):
+        if named != written:
+            raise TPODataError(
+                f"{recipe}: the pipeline writes {written}, but {where} reads {key} {named}.",
+                f"Set `{key}: {written}` in {where.split(' (')[0]} as well, or name the version alike in both.")
+    return sft_version, refs_version
+
+
 def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     """The stages of a recipe, in order."""
     recipe = str(recipe_path)
@@ -124,6 +142,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
+    sft_version, refs_version = _versions(recipe, data, shared, pipe, sections)
     stages: list[Stage] = []
 
     prefs = data.get("prefs")
@@ -156,7 +175,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # must make pit-sft-1 stale as a redone prefs stage would.
     source = [] if prefs or hub_id else [preferences / MANIFEST if preferences.is_dir() else preferences]
     stages.append(Stage("rows", [py, "pipelines/pit.py", "--config", recipe, "--stage", "rows"],
-                        store / SFT_VERSION / MANIFEST, needs=first, store_version=True,
+                        store / sft_version / MANIFEST, needs=first, store_version=True,
                         settings={k: {**shared, **pipe}.get(k) for k in ROWS_KEYS}, reads=source))
     trainer = [py, "trainers/pit.py"]
     sft_dir, reward_dir = Path(sections["sft"]["output_dir"]), Path(sections["reward"]["output_dir"])
@@ -171,7 +190,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     by_dir = {sft_dir.resolve(): "sft", rl1_dir.resolve(): "rl-1"}
     refs_model = by_dir.get(Path(str(pipe.get("model", "embedded"))).resolve())
     stages.append(Stage("refs-2", [py, "pipelines/pit.py", "--config", recipe, "--stage", "refs"],
-                        store / REFS_VERSION / MANIFEST, ["rows", *([refs_model] if refs_model else [])],
+                        store / refs_version / MANIFEST, ["rows", *([refs_model] if refs_model else [])],
                         store_version=True, env=torch_env if pipe.get("engine") == "transformers" else {},
                         settings={**shared, **{k: v for k, v in pipe.items() if k not in _RUN_ONLY}}))
     stages.append(Stage("rl-2", [*trainer, "rl", "--config", recipe, *_flags(sections["rl2"])],
