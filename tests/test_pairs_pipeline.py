@@ -472,6 +472,29 @@ def test_use_ray_without_ray_installed_names_the_fix(tiny_lm, tmp_path, monkeypa
     assert not (out / "iter-1" / "generations.jsonl").exists()
 
 
+def test_ray_gpus_go_to_the_steps_that_load_a_model(tiny_lm, tmp_path):
+    """--ray_gpus N: the steps whose model runs in their own process (transformers engine, reward
+    model judge) ask Ray for N GPUs each; the others ask for none. Needs --use_ray."""
+    from contextlib import ExitStack
+
+    from distilabel.constants import STEP_ATTR_NAME
+
+    from tpo_data.engines import BatchedTransformersLLM, EngineArguments, SamplingArguments
+    from tpo_data.pipeline import RunArguments, _judge_factory, build_pipeline
+
+    with pytest.raises(TPODataError, match="--ray_gpus 1 needs --use_ray"):
+        RunArguments(ray_gpus=1)
+    with ExitStack() as stack:
+        judge = _judge_factory(JudgeArguments(judge="reward_model", judge_model=str(tiny_lm)), str(tiny_lm),
+                               EngineArguments(engine="transformers"), SamplingArguments(), str(tiny_lm),
+                               (None, None), 2, tmp_path, stack, gpus=1)
+        pipeline = build_pipeline("gpus", [{"id": "a", "instruction": "hi"}], PRESETS["generic"],
+                                  BatchedTransformersLLM(model=str(tiny_lm)), 2, 2, tmp_path / "cache",
+                                  tmp_path / "checkpoints", judge, generate_gpus=1)
+    gpus = {name: pipeline.dag.get_step(name)[STEP_ATTR_NAME].resources.gpus for name in pipeline.dag}
+    assert gpus == {"load": None, "generate": 1, "split": None, "judge": 1, "checkpoint": None}
+
+
 def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplog):
     from tpo_data.engines import EngineArguments
     from tpo_data.pipeline import _warn_unreachable_servers

@@ -70,6 +70,12 @@ class RunArguments:
                   "RAY_ADDRESS (e.g. under `ray job submit`), else on a local Ray cluster. Needs "
                   "`pip install 'tpo-data[ray]'`."},
     )
+    ray_gpus: int = field(
+        default=0,
+        metadata={"help": "With --use_ray: GPUs each step that loads a model in its own process asks Ray "
+                  "for (the transformers engine, a reward-model or transformers judge); with 0, Ray "
+                  "may place them where there is no GPU."},
+    )
     store: str | None = field(
         default=None,
         metadata={"help": "Local dataset store the iteration is written to as version iter-N "
@@ -85,6 +91,11 @@ class RunArguments:
     hub_private: bool = field(
         default=False, metadata={"help": "Create the --push_to_hub repo as private if missing."}
     )
+
+    def __post_init__(self) -> None:
+        if self.ray_gpus < 0 or (self.ray_gpus and not self.use_ray):
+            raise TPODataError(f"--ray_gpus {self.ray_gpus} needs --use_ray and a count of 0 or more.",
+                               "Pass --use_ray with --ray_gpus N, or drop --ray_gpus.")
 
     def iteration_dir(self) -> Path:
         return Path(self.output_dir) / f"iter-{self.iteration}"
@@ -154,14 +165,16 @@ def check_judge_context(rows: list[dict], tokenizer: Any, max_new_tokens: int,
 
 def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
                    num_samples: int, input_batch_size: int, cache_dir: Path,
-                   checkpoint_dir: Path | None = None, judge: Callable[[], Any] | None = None):
+                   checkpoint_dir: Path | None = None, judge: Callable[[], Any] | None = None,
+                   generate_gpus: int = 0):
     """``load >> generate >> split [>> judge] [>> checkpoint]``.
 
     ``judge`` builds the judge step (it must be created inside the pipeline);
-    without ``checkpoint_dir`` (benchmarks) nothing is checkpointed.
+    without ``checkpoint_dir`` (benchmarks) nothing is checkpointed. ``generate_gpus``: GPUs
+    the generate step asks Ray for (its model runs in the step's process).
     """
     from distilabel.pipeline import Pipeline
-    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps import LoadDataFromDicts, StepResources
 
     from tpo_data.steps import CheckpointRows, SplitThoughts, ThoughtGeneration
 
@@ -170,6 +183,7 @@ def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
         generate = ThoughtGeneration(
             name="generate", llm=llm, prompt_user=prompt.user, prompt_system=prompt.system,
             num_generations=num_samples, group_generations=True, input_batch_size=input_batch_size,
+            resources=StepResources(gpus=generate_gpus or None),
         )
         split = SplitThoughts(
             name="split", separator=prompt.separator, thought_marker=prompt.thought_marker,
@@ -190,8 +204,11 @@ def build_pipeline(name: str, rows: list[dict], prompt: ThoughtPrompt, llm: Any,
 
 def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArguments,
                    sampling: SamplingArguments, model_path: str, policy: tuple[str | None, str | None],
-                   batch_size: int, out_dir: Path, stack: ExitStack) -> Callable[[], Any]:
-    """What builds the judge step, after starting the judge's endpoint when it needs its own."""
+                   batch_size: int, out_dir: Path, stack: ExitStack, gpus: int = 0) -> Callable[[], Any]:
+    """What builds the judge step, after starting the judge's endpoint when it needs its own.
+    ``gpus``: what the step asks Ray for when its model runs in the step's process."""
+    from distilabel.steps import StepResources
+
     if judge.judge == "reward_model":
         # Imported here: reward models pull in transformers' Llama, which the spawned
         # step processes of every pipeline would otherwise import too.
@@ -199,15 +216,17 @@ def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArgumen
 
         return functools.partial(GroupRewardJudge, name="judge", model=judge_path,
                                  input_batch_size=batch_size, batch_size=judge.reward_batch_size,
-                                 max_length=judge.reward_max_length)
+                                 max_length=judge.reward_max_length, resources=StepResources(gpus=gpus or None))
     args, reuse = judge_engine_args(judge, engine, same_model=judge_path == model_path)
     jsampling = judge_sampling(judge, sampling)
     base_url, served = policy if reuse else start_endpoint(
         args, judge_path, jsampling, out_dir, stack, "vllm-judge-server.log"
     )
     llm = build_llm(args, jsampling, judge_path, base_url, served)
+    in_process = gpus if args.engine == "transformers" else 0
     return functools.partial(PairwiseJudge, name="judge", llm=llm, mode=judge.judge_mode,
-                             force_verdict=judge.force_verdict, input_batch_size=batch_size)
+                             force_verdict=judge.force_verdict, input_batch_size=batch_size,
+                             resources=StepResources(gpus=in_process or None))
 
 
 def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
@@ -449,12 +468,13 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
             llm = build_llm(engine, sampling, model_path, base_url, served)
             judge_step = _judge_factory(
                 judge, judge_path or model_path, engine, sampling, model_path, (base_url, served),
-                run.input_batch_size, out_dir, stack,
+                run.input_batch_size, out_dir, stack, run.ray_gpus,
             ) if judged else None
             build = functools.partial(
                 build_pipeline, _pass_name(run.iteration, [r["id"] for r in pending], model_path, specs),
                 pending, prompt, llm, sampling.num_samples, run.input_batch_size, cache_dir,
                 ledger.checkpoints, judge_step,
+                generate_gpus=run.ray_gpus if engine.engine == "transformers" else 0,
             )
             exitcode = run_in_fresh_process(build, run.use_ray, out_dir / "pipeline.yaml")
         # The pass's finished rows are in its checkpoints; fold them into the ledger.
