@@ -263,6 +263,16 @@ def test_resume_refuses_a_checkpoint_of_other_data(store: LocalStore, tmp_path: 
     assert main(train_args(store, out, *resume)) == out
 
 
+def test_a_refused_run_leaves_output_dir_for_the_rerun(store: LocalStore, tmp_path: Path) -> None:
+    """Refused after the model loaded (every prompt fills max_length): nothing is recorded, so the
+    corrected rerun in the same output_dir is not told the folder is taken."""
+    out = tmp_path / "model"
+    with pytest.raises(TPODataError, match="raise --max_length"):
+        main(train_args(store, out, "--max_length", "4"))
+    assert not (out / "training_data.json").exists()
+    assert main(train_args(store, out)) == out
+
+
 def test_push_to_hub_needs_a_model_id(store: LocalStore, tmp_path: Path) -> None:
     with pytest.raises(TPODataError, match="--hub_model_id your-user/model-name"):
         main(train_args(store, tmp_path / "model", "--push_to_hub", "true"))

@@ -493,6 +493,11 @@ def test_ray_gpus_go_to_the_steps_that_load_a_model(tiny_lm, tmp_path):
                                   tmp_path / "checkpoints", judge, generate_gpus=1)
     gpus = {name: pipeline.dag.get_step(name)[STEP_ATTR_NAME].resources.gpus for name in pipeline.dag}
     assert gpus == {"load": None, "generate": 1, "split": None, "judge": 1, "checkpoint": None}
+    # A pair-wise judge asks for them only when its model runs in the step (the transformers engine).
+    with ExitStack() as stack:
+        pairwise = _judge_factory(JudgeArguments(judge="pairwise"), str(tiny_lm), EngineArguments(engine="transformers"),
+                                  SamplingArguments(), str(tiny_lm), (None, None), 2, tmp_path, stack, gpus=2)
+        assert pairwise.keywords["resources"].gpus == 2
 
 
 def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplog):

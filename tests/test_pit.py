@@ -755,9 +755,9 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     renamed = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
     renamed["pipeline"]["sft_version"] = "rows-v2"
     (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(renamed))
-    with pytest.raises(TPODataError, match=r"writes rows-v2, but the top level .* reads version pit-sft-1") as err:
+    with pytest.raises(TPODataError, match=r"writes rows-v2, but the sft stage reads version pit-sft-1") as err:
         plan(tmp_path / "renamed.yaml")
-    assert "Set `version: rows-v2` in the top level" in err.value.fix
+    assert "Set `version: rows-v2` at the top level" in err.value.fix
     renamed["version"] = renamed["eval"]["version"] = "rows-v2"
     (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(renamed))
     (rows,) = [s for s in plan(tmp_path / "renamed.yaml") if s.name == "rows"]

@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -363,7 +364,7 @@ def push_for_review(
     if pairs.num_rows == 0:
         raise TPODataError(
             f"version {version} has no pairs to review (every instruction was dropped; "
-            f"`tpo-data show {version} --store {store.root}` says why)",
+            f"`tpo-data show {version} --store {shlex.quote(str(store.root))}` says why)",
             "review a version with pairs, or generate again with more instructions or samples",
         )
     ids = [str(i) for i in pairs["instruction_id"]]
@@ -476,7 +477,7 @@ def pull_reviews(
         if dataset is None:
             raise TPODataError(
                 f"no Argilla dataset named {name!r} at {url}",
-                f"push the version first (`tpo-data argilla push {version} --store {store.root}`), "
+                f"push the version first (`tpo-data argilla push {version} --store {shlex.quote(str(store.root))}`), "
                 "or pass --dataset_name/--workspace",
             )
         reviewers: dict[Any, str] = {}

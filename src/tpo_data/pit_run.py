@@ -111,16 +111,17 @@ def _versions(recipe: str, data: dict[str, Any], shared: dict[str, Any], pipe: d
     """The store versions the pipeline writes, once every stage that reads them names the same."""
     sft_version = {**shared, **pipe}.get("sft_version", SFT_VERSION)
     refs_version = {**shared, **pipe}.get("refs_version", REFS_VERSION)
-    rl2 = {**shared, **sections["rl"], **sections["rl2"]}
-    for where, key, named, written in (
-        ("the top level (the trainers' data)", "version", data.get("version", SFT_VERSION), sft_version),
-        ("the eval section", "version", sections["eval"].get("version", SFT_VERSION), sft_version),
-        ("the rl2 section", "refs_version", rl2.get("refs_version", REFS_VERSION), refs_version),
-    ):
+    # What each reader gets: shared top-level keys, then its own section (as load_recipe merges them).
+    readers = {name: {**shared, **sections[name]} for name in ("sft", "reward", "rl")}
+    readers["rl2"] = {**shared, **sections["rl"], **sections["rl2"]}
+    checks = [(name, "version", readers[name].get("version", SFT_VERSION), sft_version) for name in readers]
+    checks += [("eval", "version", sections["eval"].get("version", SFT_VERSION), sft_version),
+               ("rl2", "refs_version", readers["rl2"].get("refs_version", REFS_VERSION), refs_version)]
+    for where, key, named, written in checks:
         if named != written:
             raise TPODataError(
-                f"{recipe}: the pipeline writes {written}, but {where} reads {key} {named}.",
-                f"Set `{key}: {written}` in {where.split(' (')[0]} as well, or name the version alike in both.")
+                f"{recipe}: the pipeline writes {written}, but the {where} stage reads {key} {named}.",
+                f"Set `{key}: {written}` at the top level (or in that stage's section) as well.")
     return sft_version, refs_version
 
 

@@ -421,12 +421,34 @@ def check_output_dir(args: TrainArguments, training_args: DPOConfig) -> None:
     state.wait_for_everyone()
 
 
-def check_resume_data(training_args: DPOConfig, data: dict[str, Any]) -> None:
-    """Resume only on the data the run started on (recorded in output_dir's RESUME_DATA); a new
-    run records its data. A checkpoint trained on one version and finished on another would
-    carry a lineage naming only the second."""
-    from accelerate import PartialState
+def check_prompt_room(train_ds: datasets.Dataset, model_path: Path | str, training_args: DPOConfig,
+                      label: str) -> None:
+    """Refuse before loading anything when every prompt alone fills max_length: TRL drops such
+    pairs (keep_start truncation leaves them no completion token), and with the reference
+    log-probs precomputed an empty dataset fails inside DPOTrainer with a bare torch error."""
+    if training_args.max_length is None or training_args.truncation_mode != "keep_start":
+        return
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+
+    def prompt_tokens(prompt: list[dict[str, str]] | str) -> int:
+        ids = (tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else
+               tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    if all(prompt_tokens(p) >= training_args.max_length for p in train_ds["prompt"]):
+        raise TPODataError(
+            f"every prompt of {label} is at least max_length={training_args.max_length} "
+            "tokens long, so no completion token is left to train on",
+            "raise --max_length",
+        )
+
+
+def check_resume_data(training_args: DPOConfig, data: dict[str, Any]) -> None:
+    """Resume only on the data the run started on (recorded in output_dir's RESUME_DATA by
+    :func:`record_resume_data`). A checkpoint trained on one version and finished on another
+    would carry a lineage naming only the second."""
     path = Path(training_args.output_dir) / RESUME_DATA
     if training_args.resume_from_checkpoint and path.is_file():
         recorded = json.loads(path.read_text("utf-8"))
@@ -438,8 +460,15 @@ def check_resume_data(training_args: DPOConfig, data: dict[str, Any]) -> None:
                 "resume with the data and --model it started with, or start again with "
                 "--overwrite_output_dir true (without --resume_from_checkpoint)",
             )
-    elif not training_args.resume_from_checkpoint and PartialState().is_main_process:
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def record_resume_data(training_args: DPOConfig, data: dict[str, Any]) -> None:
+    """A new run records what it trains on, once everything before training has passed (a run
+    refused earlier leaves output_dir as it found it)."""
+    from accelerate import PartialState
+
+    if not training_args.resume_from_checkpoint and PartialState().is_main_process:
+        write_text_atomic(Path(training_args.output_dir) / RESUME_DATA, json.dumps(data, indent=1) + "\n")
 
 
 def check_peft(model_args: ModelConfig) -> None:
@@ -696,8 +725,8 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
     check_eval_settings(training_args, eval_ds is not None)
     parent = resolve_parent(script_args, model_args, source.manifest)
     # Not the store's path: a moved store holds the same data (its manifest sha says so).
-    check_resume_data(training_args, {**{k: v for k, v in source.lineage.items() if k != "store"},
-                                      "parent_model": parent})
+    resume_data = {**{k: v for k, v in source.lineage.items() if k != "store"}, "parent_model": parent}
+    check_resume_data(training_args, resume_data)
     with state.main_process_first():  # "embedded" is converted once, by one process
         model_path = resolve_model(parent)
     check_mergeable(model_args, model_path)
@@ -710,6 +739,7 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
     }
     training_args.model_init_kwargs = model_init_kwargs
     setup_start = time.perf_counter()
+    check_prompt_room(train_ds, model_path, training_args, source.label)
     trainer = DPOTrainer(
         model=str(model_path),
         args=training_args,
@@ -721,15 +751,10 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
     # Model loading, tokenization and the reference precompute all happen before train_runtime starts.
     setup_runtime = time.perf_counter() - setup_start
     trained_rows = len(trainer.train_dataset)
-    if trained_rows == 0:
-        raise TPODataError(
-            f"every prompt of {source.label} is at least max_length={training_args.max_length} "
-            "tokens long, so no completion token is left to train on",
-            "raise --max_length",
-        )
     if trained_rows < train_ds.num_rows and state.is_main_process:
         log.warning("%d of %d pairs dropped: their prompt alone fills max_length=%d",
                     train_ds.num_rows - trained_rows, train_ds.num_rows, training_args.max_length)
+    record_resume_data(training_args, resume_data)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
