@@ -106,7 +106,7 @@ def _require(section: dict[str, Any], key: str, where: str, recipe: str) -> Any:
     return section[key]
 
 
-def _versions(recipe: str, data: dict[str, Any], shared: dict[str, Any], pipe: dict[str, Any],
+def _versions(recipe: str, shared: dict[str, Any], pipe: dict[str, Any],
               sections: dict[str, dict[str, Any]]) -> tuple[str, str]:
     """The store versions the pipeline writes, once every stage that reads them names the same."""
     sft_version = {**shared, **pipe}.get("sft_version", SFT_VERSION)
@@ -143,7 +143,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
-    sft_version, refs_version = _versions(recipe, data, shared, pipe, sections)
+    sft_version, refs_version = _versions(recipe, shared, pipe, sections)
     stages: list[Stage] = []
 
     prefs = data.get("prefs")
