@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -588,6 +589,35 @@ def check_model_push(repo_id: str | None, token: str | None = None) -> None:
             "pass --hub_model_id your-user/model-name, or drop --push_to_hub",
         )
     _check_write_token(_resolve_token(token, required=True), repo_id, "--hub_model_id")
+
+
+@dataclass(frozen=True)
+class ModelPush:
+    """A trainer's ``--push_to_hub`` settings, taken out of its arguments by :func:`take_model_push`."""
+
+    repo_id: str
+    token: str | None
+    private: bool | None
+    revision: str | None
+
+    def publish(self, folder: Path) -> str:
+        """Upload the finished ``folder``; return the commit sha."""
+        return publish_model(folder, self.repo_id, token=self.token, private=self.private,
+                             revision=self.revision)
+
+
+def take_model_push(args: Any) -> ModelPush | None:
+    """Check a trainer's ``--push_to_hub`` before training, then take it and the token out of its
+    ``TrainingArguments``: the Trainer's own push uploads output_dir before lineage.json and the
+    card exist (and, with --use_peft, writes the adapter's files beside the merged model, which
+    transformers then loads as an adapter over itself), and the Trainer pickles its arguments,
+    token included, into training_args.bin. Publish the finished folder with ``ModelPush.publish``."""
+    push = None
+    if args.push_to_hub:
+        check_model_push(args.hub_model_id, args.hub_token)
+        push = ModelPush(args.hub_model_id, args.hub_token, args.hub_private_repo, args.hub_revision)
+    args.push_to_hub, args.hub_token = False, None
+    return push
 
 
 def publish_model(

@@ -107,18 +107,12 @@ class RunArguments:
 def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
                   max_new_tokens: int, context: int) -> None:
     """Refuse, before any generation, instructions that cannot fit the model's context."""
-    too_long = []
-    for row in rows:
-        n = _n_tokens(tokenizer.apply_chat_template(
-            prompt.messages(row["instruction"]), tokenize=True, add_generation_prompt=True
-        ))
-        if n + max_new_tokens > context:
-            too_long.append(f"{row['id']} ({n} prompt tokens)")
+    too_long = [f"{id_} ({n} prompt tokens)"
+                for id_, n in _over_context(rows, tokenizer, prompt.messages, max_new_tokens, context)]
     if too_long:
         raise TPODataError(
             f"{len(too_long)} instruction(s) do not fit the model's context of {context} tokens "
-            f"with --max_new_tokens {max_new_tokens}: {', '.join(too_long[:5])}"
-            + (" ..." if len(too_long) > 5 else ""),
+            f"with --max_new_tokens {max_new_tokens}: {_first_five(too_long)}",
             "Lower --max_new_tokens or use a model with a longer context. Shortening or removing "
             "those instructions changes the instruction source, which a run with recorded "
             "iterations refuses: then start it in a new --output_dir.",
@@ -127,6 +121,23 @@ def check_context(rows: list[dict], prompt: ThoughtPrompt, tokenizer: Any,
 
 def _n_tokens(ids: Any) -> int:
     return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def _over_context(rows: list[dict], tokenizer: Any, messages: Callable[[str], list[dict[str, str]]],
+                  extra: int, context: int) -> list[tuple[str, int]]:
+    """(id, prompt tokens) of the rows whose chat prompt ``messages(instruction)`` plus ``extra``
+    tokens exceeds ``context``."""
+    found = []
+    for row in rows:
+        n = _n_tokens(tokenizer.apply_chat_template(
+            messages(row["instruction"]), tokenize=True, add_generation_prompt=True))
+        if n + extra > context:
+            found.append((row["id"], n))
+    return found
+
+
+def _first_five(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
 
 
 def serving_context(path: str, engine: EngineArguments) -> int | None:
@@ -147,17 +158,13 @@ def check_judge_context(rows: list[dict], tokenizer: Any, max_new_tokens: int,
     A request over the context is rejected by the server, and with it the judge's whole batch."""
     extra = 2 * max_new_tokens + judge_max_new_tokens + _n_tokens(
         tokenizer(FORCE_PREFIX, add_special_tokens=False)) + FORCE_MAX_NEW_TOKENS
-    too_long = []
-    for row in rows:
-        n = _n_tokens(tokenizer.apply_chat_template(
-            judge_messages(row["instruction"], "", ""), tokenize=True, add_generation_prompt=True))
-        if n + extra > context:
-            too_long.append(f"{row['id']} ({n} + {extra} tokens)")
+    too_long = [f"{id_} ({n} + {extra} tokens)" for id_, n in _over_context(
+        rows, tokenizer, lambda instruction: judge_messages(instruction, "", ""), extra, context)]
     if too_long:
         raise TPODataError(
             f"{len(too_long)} instruction(s) may not fit the pair-wise judge's context of {context} tokens "
             f"with two responses of up to --max_new_tokens {max_new_tokens} and --judge_max_new_tokens "
-            f"{judge_max_new_tokens}: {', '.join(too_long[:5])}" + (" ..." if len(too_long) > 5 else ""),
+            f"{judge_max_new_tokens}: {_first_five(too_long)}",
             "Lower --max_new_tokens or --judge_max_new_tokens, raise --vllm_max_model_len (up to the judge "
             "model's context), or judge with --judge reward_model (it scores a cut pair instead).",
         )

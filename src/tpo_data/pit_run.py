@@ -109,8 +109,9 @@ def _require(section: dict[str, Any], key: str, where: str, recipe: str) -> Any:
 def _versions(recipe: str, shared: dict[str, Any], pipe: dict[str, Any],
               sections: dict[str, dict[str, Any]]) -> tuple[str, str]:
     """The store versions the pipeline writes, once every stage that reads them names the same."""
-    sft_version = {**shared, **pipe}.get("sft_version", SFT_VERSION)
-    refs_version = {**shared, **pipe}.get("refs_version", REFS_VERSION)
+    pipeline = {**shared, **pipe}
+    sft_version = pipeline.get("sft_version", SFT_VERSION)
+    refs_version = pipeline.get("refs_version", REFS_VERSION)
     # What each reader gets: shared top-level keys, then its own section (as load_recipe merges them).
     readers = {name: {**shared, **sections[name]} for name in ("sft", "reward", "rl")}
     readers["rl2"] = {**shared, **sections["rl"], **sections["rl2"]}

@@ -504,12 +504,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     }[stage]
     data, args, config = parse_stage(stage, (PITDataArguments, *types), rest, training=True,
                                      prog=f"trainers/pit.py {stage}")
-    push, token = config.push_to_hub, config.hub_token
-    if push:
-        hub.check_model_push(config.hub_model_id, token)
-    # Ours, once the folder is complete: the Trainer's own push runs before the gap marker exists.
-    # The token leaves the arguments: the Trainer pickles them whole into training_args.bin.
-    config.push_to_hub, config.hub_token = False, None
+    push = hub.take_model_push(config)  # published by us once the folder (gap marker too) is complete
     # Before any model is built: the reward stage's new score head is drawn from the global RNG.
     set_seed(config.seed)
     out = run(data, args, config)
@@ -517,9 +512,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if config.should_save:
         check_saved(out, adapter=False)
     if push and PartialState().is_main_process:
-        commit = hub.publish_model(out, config.hub_model_id, token=token,
-                                   private=config.hub_private_repo, revision=config.hub_revision)
-        print(f"Published the {stage} model to the Hub: {config.hub_model_id} (commit {commit})")
+        commit = push.publish(out)
+        print(f"Published the {stage} model to the Hub: {push.repo_id} (commit {commit})")
     end_process_group()
     print(f"Saved the {stage} model to {out}")
     return out

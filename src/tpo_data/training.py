@@ -712,14 +712,7 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
               "`pip install trackio` for local dashboards, or pick --report_to)")
     apply_irpo(script_args, training_args)
     check_peft(model_args)
-    push, token = training_args.push_to_hub, training_args.hub_token
-    if push:
-        hub.check_model_push(training_args.hub_model_id, token)
-    # Ours, after the model is complete: the Trainer's own push uploads output_dir before
-    # lineage.json and the card exist and, with --use_peft, writes the adapter's files beside
-    # the merged model (transformers then loads that folder as an adapter over itself). The
-    # token leaves the arguments: the Trainer pickles them whole into training_args.bin.
-    training_args.push_to_hub, training_args.hub_token = False, None
+    push = hub.take_model_push(training_args)  # published by us once lineage and card exist
     check_output_dir(script_args, training_args)
     source, train_ds, eval_ds, eval_lineage = load_data(script_args, training_args.seed)
     check_eval_settings(training_args, eval_ds is not None)
@@ -738,8 +731,8 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
         **(training_args.model_init_kwargs or {}),
     }
     training_args.model_init_kwargs = model_init_kwargs
-    setup_start = time.perf_counter()
     check_prompt_room(train_ds, model_path, training_args, source.label)
+    setup_start = time.perf_counter()
     trainer = DPOTrainer(
         model=str(model_path),
         args=training_args,
@@ -800,10 +793,8 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
         (out / CARD).write_text(scrub(build_card(lineage, source.label)), encoding="utf-8")
         trainer.accelerator.print(f"model saved to {out} (card: {out / CARD})")
         if push:
-            commit = hub.publish_model(out, training_args.hub_model_id, token=token,
-                                       private=training_args.hub_private_repo,
-                                       revision=training_args.hub_revision)
-            trainer.accelerator.print(f"published to the Hub: {training_args.hub_model_id} (commit {commit})")
+            commit = push.publish(out)
+            trainer.accelerator.print(f"published to the Hub: {push.repo_id} (commit {commit})")
     return out
 
 
