@@ -69,6 +69,12 @@ def test_pipeline_generates_and_splits_k_samples(tiny_lm, tmp_path):
     assert other.returncode == 2
     assert "holds 5 instructions generated with other settings: temperature was 0.8, now 0.3" in other.stderr
     assert len(read_rows(out)) == 5
+    # So would another engine (vLLM in bf16 samples otherwise than transformers in fp32).
+    engine = run_script("pipelines/tpo.py", "--config", RECIPE, "--model", str(tiny_lm),
+                        "--output_dir", str(out), "--engine", "vllm", "--vllm_port", "1")
+    assert engine.returncode == 2
+    assert 'with other settings: engine was "transformers", now "vllm".' in engine.stderr
+    assert len(read_rows(out)) == 5
 
 
 def test_transformers_engine_reports_finish_reasons(tiny_lm, tmp_path):

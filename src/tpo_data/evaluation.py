@@ -180,9 +180,8 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
     A model that the judge's vLLM server serves anyway answers through that server.
     """
     prompt, one = load_prompt(model.prompt), replace(sampling, num_samples=1)
-    # The engine too: vLLM (bf16 by default) and transformers (fp32 on CPU) sample differently.
-    answerer = model_fingerprint(path, {**generation_spec(prompt, one, model.path, path),
-                                        "engine": engine.engine, "dtype": engine.dtype})
+    asked = replace(engine, model=model.path)
+    answerer = model_fingerprint(path, generation_spec(prompt, one, asked, path))
     out_dir = folder / "outputs" / f"{model.name}-{answerer}"
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     if any(not ledger.finished(r["id"], False) for r in rows):
@@ -190,7 +189,7 @@ def answer(model: EvalModel, path: str, rows: list[dict], engine: EngineArgument
         if judge_server and judge_server.serves(path):
             engine = judge_server.engine_for(model.path)
     result = generate_samples(rows, prompt, replace(engine, model=model.path), one, run, path,
-                              out_dir=out_dir)
+                              out_dir=out_dir, spec_engine=asked)
     return result.rows
 
 

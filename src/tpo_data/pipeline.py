@@ -356,13 +356,15 @@ SPEC = "generation_spec.json"
 JUDGE_SPEC = "judge_spec.json"
 
 
-def generation_spec(prompt: ThoughtPrompt, sampling: SamplingArguments, model: str,
+def generation_spec(prompt: ThoughtPrompt, sampling: SamplingArguments, engine: EngineArguments,
                     model_path: str) -> dict[str, Any]:
     """What makes a ledger row: the model (as the user named it, and when tpo-data trained the
-    folder, if it did: the loop retrains M_t at the same path), the thought prompt, the sampling."""
-    return {"model": model, "model_trained": trained_at(model_path), "prompt": asdict(prompt),
+    folder, if it did: the loop retrains M_t at the same path), the thought prompt, the sampling,
+    and the engine with its dtype (vLLM in bf16 and transformers in fp32 sample differently)."""
+    return {"model": engine.model, "model_trained": trained_at(model_path), "prompt": asdict(prompt),
             "num_samples": sampling.num_samples, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}
+            "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed,
+            "engine": engine.engine, "dtype": engine.dtype}
 
 
 def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any]) -> None:
@@ -448,15 +450,17 @@ def generate_samples(rows: list[dict], prompt: ThoughtPrompt, engine: EngineArgu
                      sampling: SamplingArguments, run: RunArguments, model_path: str,
                      judge: JudgeArguments | None = None,
                      judge_path: str | None = None,
-                     out_dir: Path | None = None) -> GenerationResult:
+                     out_dir: Path | None = None,
+                     spec_engine: EngineArguments | None = None) -> GenerationResult:
     """Generate, split and judge K samples for every row, resuming whatever is already done.
 
-    Everything is written to ``out_dir`` (default: the iteration's folder).
+    Everything is written to ``out_dir`` (default: the iteration's folder). The ledger records
+    ``spec_engine`` (default ``engine``): the engine asked for, where another one answers for it.
     """
     out_dir = (out_dir or run.iteration_dir()).resolve()
     ledger = GenerationLedger(out_dir / "generations.jsonl")
     judged = judge is not None and judge.judge != "none"
-    specs = [generation_spec(prompt, sampling, engine.model, model_path)]
+    specs = [generation_spec(prompt, sampling, spec_engine or engine, model_path)]
     check_resume(ledger, rows, specs[0])
     if judged:
         specs.append(judge_spec(judge, judge_path or model_path))
