@@ -160,7 +160,7 @@ def test_trains_from_hub_revision(store: LocalStore, tiny_lm: Path, tmp_path: Pa
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # plain DPO, policy == reference
     assert lineage["dataset"] == {
         "source": "hub", "repo": repo, "revision": "iter-1", "commit": commit,
-        "manifest_sha256": lineage["dataset"]["manifest_sha256"], "config": "pairs",
+        "manifest_sha256": store.manifest_sha256("iter-1"), "config": "pairs",
     }
     assert lineage["parent_model"] == str(tiny_lm) and lineage["training"]["loss_type"] == ["sigmoid"]
     assert f"{repo}@iter-1 (commit {commit})" in card and str(tiny_lm) in card

@@ -180,8 +180,9 @@ def test_resume_after_sigkill_before_the_first_checkpoint(tiny_lm, tmp_path):
         proc = subprocess.Popen([sys.executable, *args, "--output_dir", str(killed)], cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not any((killed / ".distilabel-cache").glob("**/batch_manager.json")):
+        while not any((killed / ".distilabel-cache").glob("**/batch_manager.json")):
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the pass never started its batch"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

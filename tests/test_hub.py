@@ -43,12 +43,11 @@ PUBLISH = """
 import json, logging, sys
 from tpo_data.errors import TPODataError
 from tpo_data.hub import publish_version
-from tpo_data.secrets import ScrubFilter
+from tpo_data.secrets import scrub_log_records
 from tpo_data.store import LocalStore
 
-handler = logging.StreamHandler()
-handler.addFilter(ScrubFilter())
-logging.basicConfig(level=logging.INFO, handlers=[handler])
+scrub_log_records()
+logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler()])
 a = json.loads(sys.argv[1])
 try:
     sha = publish_version(LocalStore(a["store"]), a["version"], a["repo"], tag=a.get("tag"),
@@ -875,6 +874,8 @@ def test_standin_control_endpoint(hub: HubStandin) -> None:
 
 def test_no_token_in_anything_written(hub: HubStandin, store: LocalStore) -> None:
     """Grep every file this module wrote (store, stand-in storage, caches) and all output."""
+    if not CAPTURED:
+        pytest.skip("nothing to scan: this test checks what the module's other tests wrote, run it with them")
     scanned: set[Path] = set()
     for root in WRITTEN:
         for path in root.rglob("*"):

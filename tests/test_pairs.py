@@ -175,6 +175,10 @@ def test_length_breaks_ties_when_asked():
     # Without length control nothing separates them.
     assert select_pair([0.5, 0.5, 0.5], [100, 300, 200], [True] * 3, rho=0.0,
                        length_breaks_ties=True) == Drop(DROP_ALL_EQUAL)
+    # A rho so small that the spread lies between one and two tie tolerances: sample 0 ties
+    # both the best and the worst, and a pair of a sample with itself is no pair.
+    assert select_pair([0.5, 0.5, 0.5], [200, 100, 300], [True] * 3, rho=6e-10,
+                       length_breaks_ties=True) == Drop(DROP_ALL_EQUAL)
 
 
 def test_all_equal_but_a_parse_failure_gives_a_pair():

@@ -295,8 +295,9 @@ def test_pairwise_pipeline_round_robin_counts(tiny_lm, tmp_path, capsys):
     assert f"Judge: pairwise (round_robin), {calls} calls" in printed
     first, decided = sum(r["judge_first_wins"] for r in rows), calls - sum(r["judge_unparsable"] for r in rows)
     assert stats["judge_first_wins"] == first
-    if decided:
-        assert f"Position: response A (shown first) won {first} of {decided} decided calls" in printed
+    # The tiny random judge seldom decides a call; the line is printed exactly when one was decided.
+    position = f"Position: response A (shown first) won {first} of {decided} decided calls"
+    assert (position in printed) == (decided > 0) and ("Position:" in printed) == (decided > 0)
 
 
 def test_reward_model_pipeline_to_dpo(tiny_lm, tmp_path, capsys):

@@ -789,6 +789,39 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     with pytest.raises(TPODataError, match="broken.yaml is not valid YAML") as err:
         plan(tmp_path / "broken.yaml")
     assert "Fix the YAML" in err.value.fix
+    # A section that is no mapping is named, in pit-run and in the stage scripts alike.
+    for section, value in [("pipeline", [1]), ("sft", 5), ("prefs", [1]), ("eval", ["x"]), ("run", "fast")]:
+        bad = {**yaml.safe_load(open("recipes/pit-smollm2.yaml")), section: value}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(TPODataError, match=re.escape(f"section '{section}' holds {value!r}, not a mapping")) as err:
+            plan(tmp_path / "bad.yaml")
+        assert f"Write it as `{section}:`" in err.value.fix
+    from tpo_data.pit_training import load_recipe
+
+    (tmp_path / "sft.yaml").write_text("sft: 5\n")
+    with pytest.raises(TPODataError, match="section 'sft' holds 5, not a mapping"):
+        load_recipe(tmp_path / "sft.yaml", "sft", {"learning_rate"})
+
+
+def test_pit_run_masks_a_stage_token(tmp_path, capsys):
+    """A token in a stage's section becomes a flag of its command: never shown or recorded in clear."""
+    import yaml
+
+    from tpo_data.pit_run import _record, plan, run_stages
+
+    token = "hf_" + "q" * 34
+    recipe = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
+    recipe["rl2"]["hub_token"] = token
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    stages = plan(tmp_path / "r.yaml", python="PY")
+    (rl2,) = [s for s in stages if s.name == "rl-2"]
+    assert token in rl2.command  # the stage gets it
+    run_stages(stages, tmp_path / "times.json", dry_run=True)
+    printed = capsys.readouterr().out
+    assert "--hub_token ***" in printed and token not in printed
+    _record(tmp_path / "times.json", rl2, 1.0)
+    assert token not in (tmp_path / "times.json").read_text()
+    assert "--hub_token ***" in (tmp_path / "times.json").read_text()
 
 
 def test_train_layers_freezes_all_but_the_top(tiny_lm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import subprocess
@@ -20,6 +21,7 @@ import yaml
 from tpo_data import secrets
 from tpo_data.card import compute_stats, data_file_path
 from tpo_data.cli import main as cli_main
+from tpo_data.engines import EngineArguments, api_key
 from tpo_data.errors import TPODataError
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
 
@@ -494,6 +496,13 @@ def test_scrub_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     secrets.register("registered-secret-xyz")
     assert secrets.scrub("a registered-secret-xyz b") == "a *** b"
     assert "registered-secret-xyz" in secrets.secret_values()
+    # Credentials in a URL, in a JSON string too; a plain URL or an e-mail address stays.
+    assert secrets.scrub('{"base_url": "https://alice:s3cr3t@h.example/v1"}') == '{"base_url": "https://***@h.example/v1"}'
+    assert secrets.scrub("http://h.example:8000/v1 mail me@h.example") == "http://h.example:8000/v1 mail me@h.example"
+    # The endpoint key is masked whichever variable --api_key_env names.
+    monkeypatch.setenv("MY_ENDPOINT_KEY", "sk-endpoint-key-12345")
+    assert api_key(EngineArguments(api_key_env="MY_ENDPOINT_KEY")) == "sk-endpoint-key-12345"
+    assert secrets.scrub("key sk-endpoint-key-12345") == "key ***"
 
 
 def test_version_text_that_quotes_bearer_stays_readable(tmp_path: Path) -> None:
@@ -506,15 +515,30 @@ def test_version_text_that_quotes_bearer_stays_readable(tmp_path: Path) -> None:
     store.verify("v1")
 
 
-def test_scrub_filter_cleans_log_records(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("tpo_data.test_scrub")
-    caplog.handler.addFilter(secrets.ScrubFilter())
+def test_log_records_are_scrubbed_whichever_handler_writes_them(tmp_path: Path) -> None:
+    """distilabel replaces the root handlers during a run with its console handler and a
+    pipeline.log file handler; records are scrubbed before any handler sees them."""
+    from distilabel.utils.logging import setup_logging, stop_logging
+
+    secrets.scrub_log_records()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    log_file = tmp_path / "pipeline.log"
+    queue: multiprocessing.Queue = multiprocessing.Queue()
     try:
-        raise ValueError("failed with hf_abcdefghijklmnopqrstuvwxyz0123456789")
-    except ValueError:
-        logger.exception("request to %s failed", "Bearer hf_zyxwvutsrqponmlkjihgfedcba987654")
-    assert "abcdefghijklmnopqrstuvwxyz" not in caplog.text and "zyxwvutsrq" not in caplog.text
-    assert "ValueError" in caplog.text
+        setup_logging(log_queue=queue, filename=str(log_file))  # as Pipeline.run does
+        logger = logging.getLogger("tpo_data.test_scrub")
+        try:
+            raise ValueError("failed with hf_abcdefghijklmnopqrstuvwxyz0123456789")
+        except ValueError:
+            logger.exception("request to %s failed", "https://alice:endpoint-secret-1@h.example/v1")
+    finally:
+        stop_logging()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    written = log_file.read_text()
+    assert "request to https://***@h.example/v1 failed" in written and "ValueError: failed with ***" in written
+    assert "abcdefghijklmnopqrstuvwxyz" not in written and "endpoint-secret-1" not in written
 
 
 def test_compute_stats() -> None:

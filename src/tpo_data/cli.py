@@ -123,11 +123,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    from tpo_data.secrets import ScrubFilter
+    from tpo_data.secrets import scrub_log_records
 
+    scrub_log_records()  # tokens and API keys never reach a log
     # stderr, so stdout stays clean for --json output and pipes.
     handler = RichHandler(show_path=False, console=Console(stderr=True))
-    handler.addFilter(ScrubFilter())  # tokens and API keys never reach a log
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler])
     # The OpenAI client's HTTP library logs every request at INFO (hundreds per evaluation,
     # drowning the progress lines). distilabel's step workers: steps._silence_httpx2.

@@ -24,6 +24,7 @@ from pydantic import PrivateAttr
 
 from tpo_data.endpoints import BalancedOpenAILLM, FinishReasonOpenAILLM, split_endpoints
 from tpo_data.errors import TPODataError
+from tpo_data.secrets import register
 
 if TYPE_CHECKING:
     from distilabel.typing import GenerateOutput, StandardInput
@@ -229,7 +230,9 @@ def _as_list(value: int | list[int] | None) -> list[int | None]:
 
 def api_key(args: EngineArguments) -> str:
     """The endpoint key from the environment; local servers accept any value."""
-    return os.environ.get(args.api_key_env) or "EMPTY"
+    key = os.environ.get(args.api_key_env) or "EMPTY"
+    register(key)  # masked wherever tpo-data writes or logs, whatever variable held it
+    return key
 
 
 def build_llm(args: EngineArguments, sampling: SamplingArguments, model_path: str,

@@ -37,6 +37,7 @@ from typing import Any
 from tpo_data.engines import EngineArguments, SamplingArguments, build_llm, check_one_model_per_endpoint
 from tpo_data.errors import TPODataError
 from tpo_data.files import read_jsonl_log
+from tpo_data.secrets import scrub
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
 from tpo_data.eval_report import position_note, write_report
 from tpo_data.instructions import (
@@ -382,7 +383,7 @@ def _judge_and_report(models: list[EvalModel], rows: list[dict], answers: dict[s
         "comparisons": comparisons,
         "report_dir": str(folder),
     }
-    (folder / REPORT).write_text(json.dumps(report, indent=2, default=str))
+    (folder / REPORT).write_text(scrub(json.dumps(report, indent=2, default=str)))
     write_report(report, folder)
     return report
 

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
+from tpo_data.secrets import scrub
 
 BUILTIN = "builtin"
 UNCATEGORIZED = "uncategorized"
@@ -221,7 +221,7 @@ def _read_hub(args: InstructionArguments) -> tuple[list[dict], list[str]]:
     except Exception as err:  # noqa: BLE001 - any failure here has the same remedy
         raise TPODataError(
             f"Could not load the Hub dataset {described}: {type(err).__name__}: "
-            f"{_redact(_first_line(err))}. The machine may be offline (HF_HUB_OFFLINE), "
+            f"{scrub(_first_line(err))}. The machine may be offline (HF_HUB_OFFLINE), "
             "or the dataset id, config, split or revision may be wrong.",
             "Check the id, config and split; or, on a machine with internet, export it with "
             f"datasets.load_dataset({name!r}, split={args.instructions_split!r})"
@@ -234,13 +234,6 @@ def _read_hub(args: InstructionArguments) -> tuple[list[dict], list[str]]:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else "no details"
-
-
-def _redact(text: str) -> str:
-    """Hide Hugging Face tokens and URL credentials an exception may echo back."""
-    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return re.sub(r"://[^/@\s]+@", "://***@", text)
 
 
 # ---------------------------------------------------------------- validation (pure)

@@ -18,6 +18,7 @@ from tpo_data import hub
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
+from tpo_data.secrets import scrub
 from tpo_data.instructions import (
     InstructionArguments,
     SliceLedger,
@@ -100,11 +101,11 @@ def run_generation(instructions: InstructionArguments, engine: EngineArguments,
 
     result = generate_samples(rows, prompt, engine, sampling, run, model_path, judge, judge_path)
     # After generation: a rerun that generate_samples refuses keeps the settings on record.
-    write_text_atomic(out_dir / "run_config.json", json.dumps({
+    write_text_atomic(out_dir / "run_config.json", scrub(json.dumps({
         "instructions": asdict(instructions), "engine": asdict(engine),
         "sampling": asdict(sampling), "run": asdict(run), "judge": asdict(judge),
         "model_path": model_path, "judge_path": judge_path,
-    }, indent=2, default=str))
+    }, indent=2, default=str)))
     return result
 
 

@@ -145,6 +145,8 @@ def select_pair(
         return Drop(DROP_ALL_EQUAL)
     else:
         worst = int(np.flatnonzero(s <= s.min() + _EQUAL_ATOL)[0])
+        if worst == best:  # spread within twice the tie tolerance: one sample ties both ends
+            return Drop(DROP_ALL_EQUAL)
         rejected = int(valid[worst])
         gap = float(s[best] - s[worst])
 

@@ -31,6 +31,7 @@ from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_
 from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
+from tpo_data.secrets import scrub
 from tpo_data.judges import (
     FORCE_MAX_NEW_TOKENS,
     FORCE_PREFIX,
@@ -245,8 +246,9 @@ def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
     # progress should show all the same.
     setup_logging(log_level)
     pipeline = build()
-    # Kept for the dataset card; the serialized pipeline holds no API keys.
+    # Kept for the dataset card. distilabel leaves API keys out; endpoint URLs may carry credentials.
     pipeline.save(yaml_path, format="yaml")
+    write_text_atomic(yaml_path, scrub(yaml_path.read_text()))
     if use_ray:
         pipeline = pipeline.ray()
     # Never distilabel's cache: after a SIGKILL it counts the batch in flight as sent, and a run

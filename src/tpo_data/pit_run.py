@@ -48,7 +48,8 @@ from typing import Any
 
 from tpo_data.cli import read_recipe
 from tpo_data.errors import TPODataError
-from tpo_data.pit_training import RECIPE_SECTIONS, REFS_VERSION, SFT_VERSION
+from tpo_data.pit_training import RECIPE_SECTIONS, REFS_VERSION, SFT_VERSION, recipe_section
+from tpo_data.secrets import register, scrub
 from tpo_data.store import MANIFEST
 
 log = logging.getLogger("tpo_data")
@@ -95,6 +96,8 @@ def _flags(section: dict[str, Any]) -> list[str]:
     for key, value in sorted(section.items()):
         if isinstance(value, bool):
             value = str(value).lower()
+        if key == "hub_token":  # a stage's token: masked wherever its command is shown or recorded
+            register(str(value))
         out += [f"--{key}", str(value)]
     return out
 
@@ -132,8 +135,8 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     data = read_recipe(recipe)
     py = python or sys.executable
     store = Path(data.get("store", "outputs/pit/store"))
-    pipe = data.get("pipeline") or {}
-    sections = {name: data.get(name) or {} for name in ("sft", "reward", "rl", "rl2", "eval")}
+    pipe = recipe_section(data, "pipeline", recipe)
+    sections = {name: recipe_section(data, name, recipe) for name in ("sft", "reward", "rl", "rl2", "eval")}
     for name in ("sft", "reward", "rl", "rl2"):
         _require(sections[name], "output_dir", name, recipe)
     from tpo_data.pit_data import looks_like_hub_id
@@ -147,7 +150,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     sft_version, refs_version = _versions(recipe, shared, pipe, sections)
     stages: list[Stage] = []
 
-    prefs = data.get("prefs")
+    prefs = recipe_section(data, "prefs", recipe)
     if prefs:
         prefs = dict(prefs)
         tpo_config = prefs.pop("config", "recipes/tpo-smollm2.yaml")
@@ -169,7 +172,7 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
             f"Produce it first ({hint}), point pipeline.preferences at a preference file, or add a "
             "prefs section that makes it (see recipes/pit-smollm2.yaml).")
     first = ["prefs"] if prefs else []
-    run = data.get("run") or {}
+    run = recipe_section(data, "run", recipe)
     # In-process torch stages (not the vLLM ones: vLLM binds its own threads).
     torch_env = {"OMP_NUM_THREADS": str(run["torch_threads"])} if run.get("torch_threads") else {}
 
@@ -250,7 +253,7 @@ def _train_rows(stage: Stage) -> int | None:
 def _record(times_path: Path, stage: Stage, seconds: float) -> None:
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     times[stage.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "command": " ".join(stage.command), "settings": stage.fingerprint}
+                         "command": scrub(" ".join(stage.command)), "settings": stage.fingerprint}
     times_path.parent.mkdir(parents=True, exist_ok=True)
     times_path.write_text(json.dumps(times, indent=2))
 
@@ -261,7 +264,7 @@ def run_chain(recipe: str | Path, only: str | None = None, dry_run: bool = False
         raise TPODataError("pit-run runs the project's pipelines/ and trainers/ scripts, which are not here.",
                            "Run it from the repository root (bash scripts/pit.sh does).")
     data = read_recipe(recipe)
-    times_path = Path((data.get("pipeline") or {}).get("output_dir", "outputs/pit")) / TIMES
+    times_path = Path(recipe_section(data, "pipeline", recipe).get("output_dir", "outputs/pit")) / TIMES
     return run_stages(plan(recipe), times_path, only=only, dry_run=dry_run)
 
 
@@ -278,7 +281,7 @@ def run_stages(stages: list[Stage], times_path: Path, only: str | None = None, d
             continue
         done = is_done(stage, by_name, recorded)
         if dry_run:
-            print(f"{stage.name:7s} {'done' if done else 'to run'}: {' '.join(stage.command)}")
+            print(f"{stage.name:7s} {'done' if done else 'to run'}: {scrub(' '.join(stage.command))}")
             continue
         if done:
             log.info("pit-run: %s is done (%s), skipped", stage.name, stage.marker)
@@ -295,8 +298,8 @@ def run_stages(stages: list[Stage], times_path: Path, only: str | None = None, d
                                "Fix the error above and rerun; finished stages are skipped.")
         if stage.stamp:
             stage.marker.parent.mkdir(parents=True, exist_ok=True)
-            stage.marker.write_text(json.dumps({"stage": stage.name, "command": stage.command,
-                                                "seconds": round(seconds, 1)}, indent=2))
+            stage.marker.write_text(scrub(json.dumps({"stage": stage.name, "command": stage.command,
+                                                      "seconds": round(seconds, 1)}, indent=2)))
         elif not stage.marker.is_file():
             raise TPODataError(f"Stage {stage.name} exited cleanly but wrote no {stage.marker}.",
                                "Check the recipe's paths for this stage.")

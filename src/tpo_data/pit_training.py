@@ -119,13 +119,23 @@ class RLStageArguments:
                                "Run round 1 first, then round 2 from its checkpoint (METHOD.md 2.4).")
 
 
+def recipe_section(data: dict[str, Any], section: str, path: str | Path) -> dict[str, Any]:
+    """The recipe's ``section:`` mapping ({} when absent or empty)."""
+    own = data.get(section) or {}
+    if not isinstance(own, dict):
+        raise TPODataError(f"{path}: section {section!r} holds {own!r}, not a mapping of settings.",
+                           f"Write it as `{section}:` followed by indented `key: value` lines "
+                           "(see recipes/pit-smollm2.yaml).")
+    return own
+
+
 def load_recipe(path: str | Path, section: str, known: set[str]) -> dict[str, Any]:
     """Shared top-level keys this stage knows, overridden by the stage's own section."""
     from tpo_data.cli import read_recipe
 
     data = read_recipe(path)
     shared = {k: v for k, v in data.items() if k not in RECIPE_SECTIONS and k in known}
-    own = data.get(section) or {}
+    own = recipe_section(data, section, path)
     unknown = sorted(set(own) - known)
     if unknown:
         raise TPODataError(f"{path}: unknown keys in section {section!r}: {', '.join(unknown)}.",

@@ -2,10 +2,11 @@
 
 Cards, manifests, logs, pipeline.yaml copies and error messages all pass through
 :func:`scrub`. It masks Hugging Face token shapes (``hf_...``, ``api_org_...``),
-``Authorization: Bearer ...`` values, and the literal values of the credential
-environment variables and of any secret registered at run time (for example a
-token passed as an argument instead of through the environment).
-:class:`ScrubFilter` applies the same rules to log records.
+``Authorization: Bearer ...`` values, credentials in URLs (``https://user:key@host``),
+and the literal values of the credential environment variables and of any secret
+registered at run time (for example a token passed as an argument instead of
+through the environment, or the endpoint key read from ``--api_key_env``).
+:func:`scrub_log_records` applies the same rules to every log record.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import Any
 
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ARGILLA_API_KEY")
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ARGILLA_API_KEY", "OPENAI_API_KEY")
 MASK = "***"
 
 # Real tokens are "hf_" + 34 alphanumerics; 20+ keeps names such as hf_hub_download safe.
@@ -23,6 +25,8 @@ _TOKEN_PATTERNS = (
     re.compile(r"\bapi_org_[A-Za-z0-9]{20,}"),
     # No backslash: in JSON or YAML text, `bearer \"x` must keep its escape (the file stays valid).
     re.compile(r"(?i)(bearer\s+)[^\s'\",;\\]+"),
+    # The user-info part of a URL (an endpoint or proxy with basic auth).
+    re.compile(r"(://)[^/@\s'\",;\\]+(?=@)"),
 )
 # Very short values would mask ordinary words; nobody uses them as real secrets.
 _MIN_SECRET_LENGTH = 8
@@ -55,14 +59,28 @@ def scrub(text: str) -> str:
     return text
 
 
-class ScrubFilter(logging.Filter):
-    """Logging filter that scrubs the formatted message; attach it to outgoing handlers."""
+def scrub_log_records() -> None:
+    """Scrub every log record this process (and any worker it forks) creates from now on.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    At the record, not at a handler: distilabel replaces the root handlers during a run
+    (its console handler and its ``pipeline.log``), and libraries bring their own. Idempotent.
+    """
+    make = logging.getLogRecordFactory()
+    if getattr(make, "scrubs", False):
+        return
+
+    def scrubbed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it at emit time, as it would have
+            return record
         if record.exc_info:
-            # Formatted tracebacks carry exception text; fold them in so they are scrubbed too.
+            # A formatted traceback carries the exception's text; fold it in so it is scrubbed too.
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info, record.exc_text = None, None
         record.msg, record.args = scrub(message), None
-        return True
+        return record
+
+    scrubbed.scrubs = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(scrubbed)

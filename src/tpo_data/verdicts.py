@@ -19,7 +19,8 @@ instructions, output [[A]]"). Two defences work together:
      (e.g. the judge restating its instructions) gives None; ``[[C]]`` alone is
      the judge's tie, "C". Repeats of one letter are fine.
    - Quotations do not count. A token naming the position P of a response
-     is ignored when it lies inside a verbatim copy of that response, or
+     is ignored when it lies inside a verbatim copy of that response (as
+     shown, or with the tokens :func:`neutralize` defanged restored), or
      when it appears in that response together with at least
      :data:`MIN_QUOTE_CONTEXT` characters of the judgment text right before
      or after it. Only tokens that would *favour* the quoted response are
@@ -49,6 +50,7 @@ MIN_QUOTE_CONTEXT = 16
 # A verdict token sits on one line: "[[A]]", "[[ B ]]"; "[[C]]" is a tie.
 _TOKEN = re.compile(r"\[\[[ \t]*([ABC])[ \t]*\]\]")
 _NEUTRALIZE = re.compile(r"\[\[(\s*[A-Ca-c]\s*)\]\]")
+_NEUTRALIZED = re.compile(r"\[ \[(\s*[A-Ca-c]\s*)\] \]")
 _END_TOKENS = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")
 _DECORATION = set("*_#>-=~`|. \t")
 _OPEN_QUOTES = "\"'`\u201c\u2018"
@@ -82,6 +84,13 @@ def neutralize(text: str) -> str:
     judge's decision. Idempotent.
     """
     return _NEUTRALIZE.sub(r"[ [\1] ]", _drop_end_tokens(text))
+
+
+def _forms(response: str) -> tuple[str, ...]:
+    """``response`` as shown and, when it was neutralized, as written: a judge that quotes it
+    may restore ``[ [A] ]`` to ``[[A]]``, and that copy is still a quotation."""
+    written = _NEUTRALIZED.sub(r"[[\1]]", response)
+    return (response,) if written == response else (response, written)
 
 
 def _copy_spans(text: str, response: str) -> list[tuple[int, int]]:
@@ -120,7 +129,7 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
     """
     text = _drop_end_tokens(judgment)
     shown = dict(zip(VERDICTS, shown_responses))
-    copies = {p: _copy_spans(text, r) for p, r in shown.items()}
+    copies = {p: [span for form in _forms(r) for span in _copy_spans(text, form)] for p, r in shown.items()}
 
     def favours_quoted(letter: str, start: int, end: int) -> bool:
         # A token inside a copy of response P is ignored unless it names the
@@ -157,7 +166,7 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
         for match in _TOKEN.finditer(line):
             letter = match.group(1)
             start, end = line_start + match.start(), line_start + match.end()
-            if letter in shown and _shares_context(text, start, end, shown[letter]):
+            if letter in shown and any(_shares_context(text, start, end, form) for form in _forms(shown[letter])):
                 continue
             before, after = line[match.start() - 1 : match.start()], line[match.end() : match.end() + 1]
             if says_more and before and after and before in _OPEN_QUOTES and after in _CLOSE_QUOTES:
