@@ -173,7 +173,9 @@ def test_forced_continuation_is_appended_to_the_judges_own_text():
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
-    """An OpenAI-style chat endpoint; ``server.accept_continuation`` says whether it takes vLLM's extension."""
+    """A stand-in for an OpenAI-style endpoint that rejects vLLM's ``continue_final_message``, as
+    OpenAI's own API does: no server we can run here behaves so (vLLM takes it; see
+    test_forced_verdicts_through_a_vllm_server for the real path)."""
 
     def log_message(self, *args):
         pass
@@ -220,35 +222,6 @@ def _openai_llm(base_url: str) -> OpenAILLM:
     return llm
 
 
-def test_openai_engine_sends_vllm_continuation(fake_openai):
-    llm = _openai_llm(f"http://127.0.0.1:{fake_openai.server_port}/v1")
-    verdicts = judge_calls(llm, CALLS[:3])
-    assert [(v.r, v.forced) for v in verdicts] == [(1, True)] * 3
-    forced = [r for r in fake_openai.requests if "continue_final_message" in r]
-    assert len(forced) == 3 and len(fake_openai.requests) == 6
-    for request in forced:
-        assert request["continue_final_message"] is True and request["add_generation_prompt"] is False
-        assert request["max_tokens"] <= 3 and request["temperature"] == 0.0
-        assert request["messages"][-1] == {"role": "assistant",
-                                           "content": "They are both fine." + FORCE_PREFIX}
-
-
-def test_pit_eval_judge_forces_verdicts_through_a_model_loaded_on_first_use(fake_openai):
-    """pit-eval loads its judge lazily (a proxy); the verdict forcing must still see the
-    OpenAI engine behind it (through the proxy it saw no OpenAILLM and forced nothing)."""
-    from tpo_data.pit_eval import PairwiseLLMJudge, _Deferred
-
-    url = f"http://127.0.0.1:{fake_openai.server_port}/v1"
-    judge = PairwiseLLMJudge(_Deferred(lambda: _openai_llm(url)), "judge")
-    # Both orders name A: each pair is a tie; every one of the 4 calls is forced.
-    assert judge.compare(["Q1?", "Q2?"], ["a", "b"], ["c", "d"]) == [0.5, 0.5]
-    assert judge.calls == 4 and judge.forced == 4 and judge.undecided == 0
-    assert sum("continue_final_message" in r for r in fake_openai.requests) == 4
-    # The proxy passes for nothing: code handed it instead of the model fails loudly.
-    with pytest.raises(AttributeError):
-        _Deferred(lambda: _openai_llm(url)).generate_outputs
-
-
 def test_endpoint_rejecting_continuation_keeps_verdicts_unparsable(fake_openai, caplog):
     fake_openai.accept_continuation = False
     llm = _openai_llm(f"http://127.0.0.1:{fake_openai.server_port}/v1")
@@ -284,7 +257,15 @@ def test_forced_verdicts_through_a_vllm_server(letter_judge, tmp_path):
         llm.load()
         plain = judge_calls(llm, CALLS, force_verdict=False)
         forced = judge_calls(llm, CALLS)
+        # pit-eval loads its judge lazily, behind a proxy: the forcing must still reach the engine.
+        from tpo_data.pit_eval import PairwiseLLMJudge, _Deferred
+
+        lazy = PairwiseLLMJudge(_Deferred(lambda: llm), "letters")
+        lazy.compare([c[0] for c in CALLS[:2]], [c[1] for c in CALLS[:2]], [c[2] for c in CALLS[:2]])
     assert [v.r for v in plain] == [0] * len(CALLS)
+    assert lazy.calls == 4 and lazy.forced >= 1  # through the proxy it saw no OpenAILLM and forced none
+    with pytest.raises(AttributeError):  # the proxy passes for nothing: code handed it fails loudly
+        _Deferred(lambda: llm).generate_outputs
     assert all(v.continuation is not None for v in forced)  # the server took every request
     assert sum(v.r in (1, -1) for v in forced) >= 0.75 * len(CALLS)
     assert all(v.forced == (v.r != 0) for v in forced)

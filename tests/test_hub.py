@@ -916,3 +916,22 @@ def test_version_with_an_empty_config_is_not_published(tmp_path: Path) -> None:
     assert f"the version stays in {store.root}" in str(err.value)
     assert store.load("iter-1", "pairs").num_rows == 0
 
+
+
+def test_only_the_main_process_checks_and_publishes_a_model_push() -> None:
+    """Under accelerate every rank parses the arguments; one without a token must not fail alone
+    (the others would wait for it at a barrier until the timeout)."""
+    from types import SimpleNamespace
+
+    from tpo_data.errors import TPODataError
+    from tpo_data.hub import take_model_push
+
+    def args() -> SimpleNamespace:
+        return SimpleNamespace(push_to_hub=True, hub_model_id="no-slash", hub_token="hf_" + "t" * 34,
+                               hub_private_repo=None, hub_revision=None)
+
+    other_rank = args()
+    assert take_model_push(other_rank, main_process=False) is None
+    assert (other_rank.push_to_hub, other_rank.hub_token) == (False, None)  # nothing left to pickle
+    with pytest.raises(TPODataError, match="--push_to_hub needs --hub_model_id as namespace/name"):
+        take_model_push(args(), main_process=True)

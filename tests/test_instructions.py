@@ -6,7 +6,6 @@ import csv
 import json
 import sys
 import tempfile
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -426,45 +425,77 @@ def test_empty_file_is_reported(tmp_path):
     assert "has no rows" in load_error(instructions=str(path))
 
 
-# ---------------------------------------------------------------- Hub datasets (faked, offline)
+# ---------------------------------------------------------------- Hub datasets (through the Hub stand-in)
+
+HUB_INSTRUCTIONS = """
+import json, sys
+from huggingface_hub import HfApi
+from tpo_data.errors import TPODataError
+from tpo_data.instructions import InstructionArguments, load_instructions
+
+a = json.loads(sys.argv[1])
+if a.get("rows"):
+    api, repo = HfApi(), "stand-in-user/prompts"
+    api.create_repo(repo, repo_type="dataset")
+    card = "---\\nconfigs:\\n- config_name: en\\n  data_files:\\n  - split: test\\n    path: en/test.jsonl\\n---\\n"
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo, repo_type="dataset")
+    for i, rows in enumerate(a["rows"]):  # revision v1 holds the first rows; main the later ones
+        data = "".join(json.dumps(r) + "\\n" for r in rows).encode()
+        api.upload_file(path_or_fileobj=data, path_in_repo="en/test.jsonl", repo_id=repo, repo_type="dataset")
+        if i == 0:
+            api.create_tag(repo, tag="v1", repo_type="dataset")
+try:
+    print(json.dumps({"rows": load_instructions(InstructionArguments(**a["args"]))}))
+except TPODataError as err:
+    print(json.dumps({"error": str(err)}))
+"""
 
 
-class FakeDataset:
-    column_names = ["prompt", "prompt_id"]
+def _load_from_standin(tmp_path: Path, hub, payload: dict) -> dict:
+    import subprocess
 
-    def to_list(self):
-        return [{"prompt": "Explain tides.", "prompt_id": "p1"}]
+    from test_hub import TOKEN, client_env
 
-
-def fake_datasets(monkeypatch, load_dataset):
-    module = types.ModuleType("datasets")
-    module.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", module)
-
-
-def test_hub_dataset_is_loaded_with_config_split_and_revision(monkeypatch):
-    calls = []
-
-    def load_dataset(name, config, split, revision):
-        calls.append((name, config, split, revision))
-        return FakeDataset()
-
-    fake_datasets(monkeypatch, load_dataset)
-    rows = load_instructions(InstructionArguments(
-        instructions="org/prompts", instructions_config="en", instructions_split="test",
-        instructions_revision="v1", instructions_column="prompt",
-        instructions_id_column="prompt_id",
-    ))
-    assert calls == [("org/prompts", "en", "test", "v1")]
-    assert rows == [{"id": "p1", "instruction": "Explain tides.", "category": "uncategorized"}]
+    result = subprocess.run([sys.executable, "-c", HUB_INSTRUCTIONS, json.dumps(payload)],
+                            env=client_env(tmp_path, hub.url, TOKEN), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_unloadable_hub_dataset_explains_offline_use_without_leaking_tokens(monkeypatch):
-    def load_dataset(*args, **kwargs):
-        raise ConnectionError("Couldn't reach https://huggingface.co (hf_abcdefghijklmnopqrstu)")
+def test_hub_dataset_is_loaded_with_config_split_and_revision(tmp_path):
+    from hub_standin import HubStandin
 
-    fake_datasets(monkeypatch, load_dataset)
-    message = load_error(instructions="org/prompts", instructions_split="train")
-    assert "org/prompts" in message and "offline" in message and "ConnectionError" in message
-    assert "--instructions instructions.jsonl" in message and "to_json" in message
-    assert "hf_abcdefghijklmnopqrstu" not in message
+    first = [{"prompt": "Explain tides.", "prompt_id": "p1"}, {"prompt": "Name a prime.", "prompt_id": "p2"}]
+    later = [{"prompt": "Something else.", "prompt_id": "p3"}]
+    args = {"instructions": "stand-in-user/prompts", "instructions_config": "en", "instructions_split": "test",
+            "instructions_column": "prompt", "instructions_id_column": "prompt_id"}
+    with HubStandin(tmp_path / "hub") as hub:
+        pinned = _load_from_standin(tmp_path, hub, {"rows": [first, later],
+                                                    "args": {**args, "instructions_revision": "v1"}})
+        newest = _load_from_standin(tmp_path, hub, {"args": args})
+        # A config the card does not name: the error says what to check, offline use included.
+        missing = _load_from_standin(tmp_path, hub, {"args": {**args, "instructions_config": "fr"}})
+    assert pinned["rows"] == [{"id": "p1", "instruction": "Explain tides.", "category": "uncategorized"},
+                              {"id": "p2", "instruction": "Name a prime.", "category": "uncategorized"}]
+    assert newest["rows"] == [{"id": "p3", "instruction": "Something else.", "category": "uncategorized"}]
+    assert "Could not load the Hub dataset stand-in-user/prompts, config='fr', split='test'" in missing["error"]
+    assert "--instructions instructions.jsonl" in missing["error"] and "to_json" in missing["error"]
+
+
+def test_unloadable_hub_dataset_explains_offline_use_without_leaking_tokens(tmp_path):
+    """A proxy that echoes the request's Authorization header into its error: the message is scrubbed."""
+    from hub_standin import HubStandin
+
+    args = {"instructions": "stand-in-user/prompts", "instructions_config": "en", "instructions_split": "test"}
+    with HubStandin(tmp_path / "hub") as hub:
+        made = _load_from_standin(tmp_path / "a", hub, {"rows": [[{"prompt": "Explain tides."}]],
+                                                        "args": {**args, "instructions_column": "prompt"}})
+        assert len(made["rows"]) == 1
+        hub.add_faults("resolve", *["503-echo-auth"] * 50)
+        failed = _load_from_standin(tmp_path / "b", hub, {"args": args})  # another, empty cache
+        echoed = 50 - len(hub.pending_faults().get("resolve", []))
+    assert echoed >= 1  # the client met the echoing proxy; its output held no token (_load_from_standin)
+    message = failed["error"]
+    assert "Could not load the Hub dataset stand-in-user/prompts, config='en', split='test'" in message
+    assert "offline" in message and "--instructions instructions.jsonl" in message

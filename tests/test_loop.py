@@ -408,7 +408,7 @@ def test_launcher_comes_from_this_environment(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    from tpo_data.loop import LoopArguments, train, train_command
+    from tpo_data.loop import LoopArguments, check_training, train, train_command
 
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text("beta: 0.1\n")
@@ -420,6 +420,21 @@ def test_launcher_comes_from_this_environment(tmp_path, monkeypatch):
     with pytest.raises(TPODataError, match=r"(?s)launcher .no-such-launcher. was not found .*finished iterations are kept"):
         train(LoopArguments(launcher="no-such-launcher --x", train_config=str(recipe)),
               tmp_path / "store", "iter-1", "embedded", tmp_path / "m")
+    # The loop checks both before iteration 1 generates anything.
+    check_training(loop)
+    with pytest.raises(TPODataError, match=r"launcher 'no-such-launcher' was not found") as err:
+        check_training(LoopArguments(launcher="no-such-launcher --x", train_config=str(recipe)))
+    assert "fix --launcher" in err.value.fix
+    with pytest.raises(TPODataError, match=r"Training recipe nope.yaml does not exist \(--train_config; a relative path is read from"):
+        check_training(LoopArguments(train_config="nope.yaml"))
+
+
+def test_a_missing_training_recipe_is_refused_before_generating(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TPODataError, match="Training recipe .*missing.yaml does not exist"):
+        loop_main(["--config", RECIPE, "--model", str(tiny_lm), "--output_dir", str(out), "--judge", "pairwise",
+                   "--train_config", str(tmp_path / "missing.yaml")])
+    assert not (out / "iter-1").exists()
 
 
 def test_recipes_are_shared_and_checked(tmp_path):
@@ -457,6 +472,13 @@ def test_recipes_are_shared_and_checked(tmp_path):
         parse_recipe(generate, ["--config", str(recipe)])
     with pytest.raises(TPODataError, match="more than once"):
         parse_recipe(generate, ["--config", str(recipe), "--config", str(recipe)])
+    # A --no_X switch says what it does, and X keeps its default unless it is given.
+    no_force = next(a for a in generate._actions if "--no_force_verdict" in a.option_strings)
+    assert no_force.help == "Same as --force_verdict false."
+    assert "(default: False)" not in generate.format_help().split("--no_force_verdict", 1)[1].split("--", 1)[0]
+    judge_of = lambda argv: parse_recipe(generate, argv)[4]  # noqa: E731
+    assert [judge_of(a).force_verdict for a in ([], ["--no_force_verdict"], ["--force_verdict", "false"])] == [
+        True, False, False]
     # The dataclasses' own checks (here TRL's) name the values, not the YAML.
     from tpo_data.training import make_parser
 

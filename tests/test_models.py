@@ -29,3 +29,15 @@ def test_conversion_under_zero3_runs_in_a_fresh_interpreter(tmp_path: Path, monk
     assert models._verify_folder(converted)
     ours, theirs = load_file(converted / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+def test_unknown_model_names_its_flag_and_the_download_command(tmp_path: Path) -> None:
+    from tpo_data.errors import TPODataError
+
+    with pytest.raises(TPODataError, match="Model 'no-such-org/no-such-model' was not found") as err:
+        models.resolve_model("no-such-org/no-such-model", "--judge_model")
+    assert "`hf download no-such-org/no-such-model`" in err.value.fix and "--judge_model embedded" in err.value.fix
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(TPODataError, match="has no config.json") as err:
+        models.resolve_model(str(tmp_path / "weights"), "--kl_reference")
+    assert "Point --kl_reference at the folder" in err.value.fix

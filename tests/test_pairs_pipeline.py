@@ -501,7 +501,7 @@ def test_ray_gpus_go_to_the_steps_that_load_a_model(tiny_lm, tmp_path):
         assert pairwise.keywords["resources"].gpus == 2
 
 
-def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplog):
+def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplog, tmp_path):
     from tpo_data.engines import EngineArguments
     from tpo_data.pipeline import _warn_unreachable_servers
 
@@ -509,7 +509,17 @@ def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplo
     judge = JudgeArguments(judge="pairwise", judge_model="embedded")
     served = EngineArguments(engine="vllm", base_url="http://10.0.0.5:8000/v1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` leaves its address file
     _warn_unreachable_servers(local_vllm, judge, False)  # a local Ray cluster reaches 127.0.0.1
+    assert not caplog.records
+    # A cluster `ray start` runs on this machine: distilabel's ray.init() joins it without RAY_ADDRESS.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.1:6379")
+    _warn_unreachable_servers(EngineArguments(engine="openai", base_url="http://localhost:8000/v1"),
+                              JudgeArguments(judge="reward_model", judge_model="rm"), False)
+    assert [r.getMessage().rsplit("pass ", 1)[1] for r in caplog.records] == ["--base_url."]
+    caplog.clear()
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     _warn_unreachable_servers(served, JudgeArguments(judge="reward_model", judge_model="rm"), False)
     _warn_unreachable_servers(served, judge, True)  # the judge is the policy: it shares its server

@@ -796,6 +796,11 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
         with pytest.raises(TPODataError, match=re.escape(f"section '{section}' holds {value!r}, not a mapping")) as err:
             plan(tmp_path / "bad.yaml")
         assert f"Write it as `{section}:`" in err.value.fix
+    typo = {**yaml.safe_load(open("recipes/pit-smollm2.yaml")), "sftt": {"learning_rate": 1.0}}
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    with pytest.raises(TPODataError, match="unknown section.s. sftt") as err:
+        plan(tmp_path / "typo.yaml")
+    assert "Sections are pipeline, sft, reward, rl" in err.value.fix
     from tpo_data.pit_training import load_recipe
 
     (tmp_path / "sft.yaml").write_text("sft: 5\n")

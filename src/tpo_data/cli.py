@@ -25,9 +25,15 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
     from trl import TrlParser
 
     # No abbreviations: "--num_sample 4" must not quietly set --num_samples on a resumable run.
-    return TrlParser(dataclass_types, prog=prog, allow_abbrev=False, epilog=(
+    parser = TrlParser(dataclass_types, prog=prog, allow_abbrev=False, epilog=(
         "--config RECIPE.yaml takes defaults from a YAML recipe (see recipes/); flags given on "
         "the command line override it."))
+    for action in parser._actions:
+        # HfArgumentParser gives the --no_X switch of a True-by-default flag X's own help.
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            action.help = f"Same as --{action.dest} false."
+            action.default = argparse.SUPPRESS  # not listed as "(default: False)"; X's default stands
+    return parser
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -304,7 +304,7 @@ def evaluate(instructions: InstructionArguments, engine: EngineArguments,
     if distinct > 1:
         check_one_model_per_endpoint(engine, f"the evaluation compares {distinct} models")
     seed_path = paths[models[0].name]
-    judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    judge_path = seed_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model, "--judge_model"))
     from transformers import AutoTokenizer
 
     # Before any answer: an over-long request would fail its whole batch, reported as a dead server.

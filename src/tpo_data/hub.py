@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -596,7 +596,7 @@ class ModelPush:
     """A trainer's ``--push_to_hub`` settings, taken out of its arguments by :func:`take_model_push`."""
 
     repo_id: str
-    token: str | None
+    token: str | None = field(repr=False)
     private: bool | None
     revision: str | None
 
@@ -606,14 +606,17 @@ class ModelPush:
                              revision=self.revision)
 
 
-def take_model_push(args: Any) -> ModelPush | None:
+def take_model_push(args: Any, main_process: bool = True) -> ModelPush | None:
     """Check a trainer's ``--push_to_hub`` before training, then take it and the token out of its
     ``TrainingArguments``: the Trainer's own push uploads output_dir before lineage.json and the
     card exist (and, with --use_peft, writes the adapter's files beside the merged model, which
     transformers then loads as an adapter over itself), and the Trainer pickles its arguments,
-    token included, into training_args.bin. Publish the finished folder with ``ModelPush.publish``."""
+    token included, into training_args.bin. Publish the finished folder with ``ModelPush.publish``.
+
+    Only the main process publishes, so only it checks: a rank on a node without the token must
+    not fail alone while the others wait for it at a barrier."""
     push = None
-    if args.push_to_hub:
+    if args.push_to_hub and main_process:
         check_model_push(args.hub_model_id, args.hub_token)
         push = ModelPush(args.hub_model_id, args.hub_token, args.hub_private_repo, args.hub_revision)
     args.push_to_hub, args.hub_token = False, None

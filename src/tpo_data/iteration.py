@@ -58,7 +58,7 @@ def resolve_judge(judge: JudgeArguments, model_path: str) -> str | None:
     """The judge's local model path (None without a judge), checked before any generation."""
     if judge.judge == "none":
         return None
-    path = model_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model))
+    path = model_path if judge.judge_model == POLICY else str(resolve_model(judge.judge_model, "--judge_model"))
     if judge.judge == "reward_model":
         from tpo_data.armorm import load_config_dict
         from tpo_data.reward_models import detect_kind

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -138,14 +139,31 @@ def _same_data(out: Path, store: Path, version: str, parent: str) -> bool:
         version, LocalStore(store).manifest_sha256(version), parent)
 
 
-def train_command(loop: LoopArguments, store: Path, version: str, parent: str, out: Path) -> list[str]:
-    """The training child process: resume a run that died, replace a folder with no checkpoint."""
+def _launcher(loop: LoopArguments) -> list[str]:
     launcher = shlex.split(loop.launcher) if loop.launcher else [sys.executable]
     # "accelerate launch ...": this environment's accelerate, also when it is not on PATH.
     beside = Path(sys.executable).parent / launcher[0]
     if loop.launcher and os.sep not in launcher[0] and beside.is_file():
         launcher[0] = str(beside)
-    cmd = [*launcher, "-m", "tpo_data.cli", "train", "--config", loop.train_config,
+    return launcher
+
+
+def check_training(loop: LoopArguments) -> None:
+    """Before iteration 1 generates anything: the training recipe and launcher exist."""
+    if not Path(loop.train_config).is_file():
+        raise TPODataError(f"Training recipe {loop.train_config} does not exist (--train_config; a relative "
+                           f"path is read from {Path.cwd()}).",
+                           "Pass --train_config recipes/dpo-smollm2.yaml from the repository root, "
+                           "or the path of your own DPO recipe.")
+    program = _launcher(loop)[0]
+    if not (shutil.which(program) or Path(program).is_file()):
+        raise TPODataError(f"The training launcher {program!r} was not found (--launcher {loop.launcher!r}).",
+                           "Install it in this environment (pip install accelerate) or fix --launcher.")
+
+
+def train_command(loop: LoopArguments, store: Path, version: str, parent: str, out: Path) -> list[str]:
+    """The training child process: resume a run that died, replace a folder with no checkpoint."""
+    cmd = [*_launcher(loop), "-m", "tpo_data.cli", "train", "--config", loop.train_config,
            "--dataset_store", str(store), "--dataset_version", version, "--model", parent,
            "--output_dir", str(out)]
     # Complete checkpoints only: the Trainer writes trainer_state.json last, so a kill
@@ -160,9 +178,6 @@ def train_command(loop: LoopArguments, store: Path, version: str, parent: str, o
 
 
 def train(loop: LoopArguments, store: Path, version: str, parent: str, out: Path) -> None:
-    if not Path(loop.train_config).is_file():
-        raise TPODataError(f"Training recipe {loop.train_config} does not exist.",
-                           "Pass --train_config recipes/dpo-smollm2.yaml (or your own DPO recipe).")
     cmd = train_command(loop, store, version, parent, out)
     log.info("Training %s on %s: %s", out.name, version, shlex.join(cmd))
     try:
@@ -223,6 +238,7 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         raise TPODataError("The loop trains on judged pairs, and the recipe sets --judge none.",
                            "Pass --judge pairwise or --judge reward_model.")
     require_pairs_possible(sampling)
+    check_training(loop)
     if loop.iterations > 1:
         check_one_model_per_endpoint(engine, f"iterations 2..{loop.iterations} generate with the models "
                                      "the loop trains (M1, M2, ...)")

@@ -138,11 +138,12 @@ def embedded_model_path() -> Path:
     return target
 
 
-def resolve_model(name: str) -> Path | str:
+def resolve_model(name: str, flag: str = "--model") -> Path | str:
     """A local folder for ``embedded`` or a path; Hub ids pass through for the Hub cache.
 
     Anything that is neither a local folder with a config.json nor resolvable from
-    the local Hub cache is refused with a message that says what to pass instead.
+    the local Hub cache is refused with a message that says what to pass instead
+    (``flag``: the option that named the model).
     """
     if name in (EMBEDDED, EMBEDDED_HUB_ID):
         return embedded_model_path()
@@ -152,8 +153,8 @@ def resolve_model(name: str) -> Path | str:
             raise TPODataError(
                 f"Model path {path} exists but has no config.json, so it is not a "
                 "Hugging Face model folder.",
-                "Point --model at the folder that save_pretrained() wrote, or use "
-                "--model embedded.",
+                f"Point {flag} at the folder that save_pretrained() wrote, or use "
+                f"{flag} embedded.",
             )
         return path.resolve()
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
@@ -169,7 +170,7 @@ def resolve_model(name: str) -> Path | str:
         + (", and it is not in the local Hugging Face cache" if looks_like_hub_id else "")
         + ".",
         "Pass a local folder with config.json, download the model first "
-        "(`huggingface-cli download NAME` on a machine with Hub access), or use --model embedded.",
+        f"(`hf download {name}` on a machine with Hub access), or use {flag} embedded.",
     )
 
 

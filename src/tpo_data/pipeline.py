@@ -25,6 +25,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
@@ -268,20 +269,40 @@ def require_ray() -> None:
         ) from None
 
 
+def _on_loopback(base_url: str | None) -> bool:
+    return base_url is not None and any(
+        (urlsplit(url).hostname or "") in ("localhost", "::1") or (urlsplit(url).hostname or "").startswith("127.")
+        for url in split_endpoints(base_url))
+
+
+def _joins_a_cluster() -> bool:
+    """Whether distilabel's ``ray.init()`` connects to a running cluster instead of starting its own:
+    RAY_ADDRESS, or the address file `ray start` leaves (Ray's own lookup, a private function)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None) is not None
+    except Exception:  # another Ray version: RAY_ADDRESS is the documented way
+        return False
+
+
 def _warn_unreachable_servers(engine: EngineArguments, judge: JudgeArguments | None, same_model: bool) -> None:
-    """On a Ray cluster, a vLLM server this run starts listens on this machine's 127.0.0.1 only."""
+    """On a Ray cluster, steps on other nodes cannot reach a server on this machine's 127.0.0.1
+    (a vLLM server this run starts listens there only)."""
     local = []
-    if engine.engine == "vllm" and not engine.base_url:
+    if (engine.engine == "vllm" and not engine.base_url) or _on_loopback(engine.base_url):
         local.append("--base_url")
     if judge is not None and judge.judge == "pairwise":
         args, reuse = judge_engine_args(judge, engine, same_model)
-        if not reuse and args.engine == "vllm" and not args.base_url:  # a judge server of its own
+        if not reuse and ((args.engine == "vllm" and not args.base_url) or _on_loopback(args.base_url)):
             local.append("--judge_base_url")
-    if local and os.environ.get("RAY_ADDRESS"):
-        log.warning("--use_ray on the cluster at RAY_ADDRESS: the vLLM server(s) this run starts listen on "
-                    "127.0.0.1 of this machine, which steps placed on other nodes cannot reach. On a "
-                    "cluster of several nodes, serve the model(s) where every node reaches them and "
-                    "pass %s.", " and ".join(local))
+    if local and _joins_a_cluster():
+        log.warning("--use_ray on a running Ray cluster: the server(s) for %s listen on 127.0.0.1 of this "
+                    "machine, which steps placed on other nodes cannot reach. On a cluster of several nodes, "
+                    "serve the model(s) where every node reaches them and pass %s.",
+                    " and ".join(local), " and ".join(local))
 
 
 def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Path) -> int:

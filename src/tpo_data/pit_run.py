@@ -147,6 +147,11 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
+    typos = sorted(k for k, v in shared.items() if isinstance(v, dict))
+    if typos:  # no stage would read them: a misspelt section would silently keep its defaults
+        raise TPODataError(f"{recipe}: unknown section(s) {', '.join(typos)}.",
+                           f"Sections are {', '.join((*RECIPE_SECTIONS, *PIT_RUN_SECTIONS))}: fix the name "
+                           "or move its keys into one of them.")
     sft_version, refs_version = _versions(recipe, shared, pipe, sections)
     stages: list[Stage] = []
 

@@ -202,9 +202,9 @@ def model_path(name: str, what: str) -> str:
     from tpo_data.models import resolve_model
 
     try:
-        return str(resolve_model(name))
+        return str(resolve_model(name, what))
     except TPODataError as err:
-        raise TPODataError(f"{what}: {err.problem}", err.fix.replace("--model", what)) from None
+        raise TPODataError(f"{what}: {err.problem}", err.fix) from None
 
 
 def freeze_lower_layers(model: Any, train_layers: int, checkpointing: bool = False) -> Any:
@@ -503,7 +503,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "Run e.g. `python trainers/pit.py sft --config recipes/pit-smollm2.yaml`.",
         )
     stage, rest = argv[0], argv[1:]
-    from accelerate import PartialState
     from transformers import TrainingArguments, set_seed
     from trl import RLOOConfig, SFTConfig
 
@@ -514,14 +513,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     }[stage]
     data, args, config = parse_stage(stage, (PITDataArguments, *types), rest, training=True,
                                      prog=f"trainers/pit.py {stage}")
-    push = hub.take_model_push(config)  # published by us once the folder (gap marker too) is complete
+    # Published by us once the folder (gap marker too) is complete.
+    push = hub.take_model_push(config, config.process_index == 0)
     # Before any model is built: the reward stage's new score head is drawn from the global RNG.
     set_seed(config.seed)
     out = run(data, args, config)
     # After the stage's last barrier: a rank that raises here leaves no other rank waiting.
     if config.should_save:
         check_saved(out, adapter=False)
-    if push and PartialState().is_main_process:
+    if push:
         commit = push.publish(out)
         print(f"Published the {stage} model to the Hub: {push.repo_id} (commit {commit})")
     end_process_group()

@@ -712,7 +712,7 @@ def _train(script_args: TrainArguments, training_args: DPOConfig, model_args: Mo
               "`pip install trackio` for local dashboards, or pick --report_to)")
     apply_irpo(script_args, training_args)
     check_peft(model_args)
-    push = hub.take_model_push(training_args)  # published by us once lineage and card exist
+    push = hub.take_model_push(training_args, state.is_main_process)  # published by us once lineage and card exist
     check_output_dir(script_args, training_args)
     source, train_ds, eval_ds, eval_lineage = load_data(script_args, training_args.seed)
     check_eval_settings(training_args, eval_ds is not None)
