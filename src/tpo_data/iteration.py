@@ -131,6 +131,12 @@ def require_pairs_possible(sampling: SamplingArguments) -> None:
             f"--num_samples {sampling.num_samples} cannot form a chosen/rejected pair.",
             "Use --num_samples 2 or more (the paper uses 8).",
         )
+    if sampling.temperature == 0:
+        raise TPODataError(
+            "--temperature 0 samples greedily: an instruction's K samples would all be the same "
+            "answer, so no pair could differ.",
+            "Sample with --temperature above 0 (the paper uses 0.8).",
+        )
 
 
 def write_pairs(result: GenerationResult, prompt: ThoughtPrompt, engine: EngineArguments,

@@ -551,8 +551,8 @@ def start_endpoint(engine: EngineArguments, model_path: str, sampling: SamplingA
             served_model_name=Path(model_path).name,
             dtype="bfloat16" if engine.dtype == "auto" else engine.dtype,
             kvcache_gb=engine.vllm_kvcache_gb, max_model_len=engine.vllm_max_model_len,
-            seed=sampling.seed, startup_timeout=engine.vllm_startup_timeout,
-            log_path=out_dir / log_name,
+            seed=sampling.seed, gpu_memory_utilization=engine.vllm_gpu_memory_utilization,
+            startup_timeout=engine.vllm_startup_timeout, log_path=out_dir / log_name,
         )
         log.info("Starting vLLM on port %d (log: %s)", server.port, server.log_path)
         stack.enter_context(server)

@@ -88,6 +88,7 @@ class VLLMServer:
     def __init__(self, model: str | Path, *, port: int = 8011, python: str | None = None,
                  served_model_name: str = "policy", dtype: str = "bfloat16",
                  kvcache_gb: int = 2, max_model_len: int = 4096, seed: int = 0,
+                 gpu_memory_utilization: float | None = None,
                  startup_timeout: float = 300.0, log_path: str | Path | None = None):
         self.model = str(model)
         self.port = port
@@ -97,6 +98,7 @@ class VLLMServer:
         self.kvcache_gb = kvcache_gb
         self.max_model_len = max_model_len
         self.seed = seed
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else Path(os.devnull)
         self.process: subprocess.Popen | None = None
@@ -113,6 +115,8 @@ class VLLMServer:
             "--max-model-len", str(self.max_model_len), "--seed", str(self.seed),
             "--uvicorn-log-level", "warning",
             *(CPU_SERVER_ARGS if _on_cpu() else []),
+            *(["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+              if self.gpu_memory_utilization is not None else []),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -158,7 +162,9 @@ class VLLMServer:
                     f"The vLLM server exited with code {self.process.returncode} while starting.\n"
                     + self._log_tail(),
                     f"Read {self.log_path}; common causes: head_dim < 32 on CPU, too little "
-                    "--vllm_kvcache_gb, or a model folder vLLM cannot load.",
+                    "--vllm_kvcache_gb, a model folder vLLM cannot load, or, on a GPU that already "
+                    "holds another server (the policy's or the judge's), no --vllm_gpu_memory_utilization "
+                    "0.45.",
                 )
             try:
                 list_models(self.base_url, timeout=2.0)
