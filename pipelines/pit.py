@@ -1,4 +1,4 @@
-"""PIT data pipeline (METHOD.md 2): preference data -> improvement rows and round-2 references.
+r"""PIT data pipeline (METHOD.md 2): preference data -> improvement rows and round-2 references.
 
 Writes two versions to the local store (see ``tpo_data.pit_data``):
 ``pit-sft-1`` (configs train/test: x, y_ref = rejected, y_better = chosen, and the

@@ -619,6 +619,16 @@ def test_recipe_command_help_names_the_command(command: str, capsys) -> None:
     assert "--config" in out
 
 
+def test_command_help_lists_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["pit-eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "improvement rounds of PIT and Self-Refine (default: 2)" in out
+    assert "--engine {transformers,vllm} transformers: in process;" in out and "(default: transformers)" in out
+    # A help that says what its default means is not given a second one.
+    assert "the first answer y_0 (default: the PIT model itself) --temperature" in out
+
+
 def test_same_version_name_in_two_stores_loads_each_stores_rows(tmp_path: Path) -> None:
     # datasets caches a local folder by its name; two stores with "iter-1" must not mix.
     first, second = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")

@@ -1,4 +1,4 @@
-"""DPO training of one TPO iteration (METHOD.md 1.7): M_t from M_{t-1} on the pairs of iteration t.
+r"""DPO training of one TPO iteration (METHOD.md 1.7): M_t from M_{t-1} on the pairs of iteration t.
 
 Arguments are TRL's (``trl.DPOConfig``, ``trl.ModelConfig``) plus the dataset
 ones of ``tpo_data.training.TrainArguments``; a recipe passed with ``--config``

@@ -1,4 +1,4 @@
-"""PIT trainers (METHOD.md 2.1-2.4), one stage per call, TRL style.
+r"""PIT trainers (METHOD.md 2.1-2.4), one stage per call, TRL style.
 
 Stages (logic in ``tpo_data.pit_training``):
     sft     SFTTrainer: improvement prompt (x, y_ref = y_l) -> y_w

@@ -36,6 +36,14 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
     return parser
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (they hold usage examples); every option with its default, unless
+    its help already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 class CommandParser(argparse.ArgumentParser):
     """The parser of ``tpo-data`` and its subcommands (which inherit the class).
 
@@ -46,6 +54,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "build preference datasets with distilabel, version them, review them in Argilla and "
         "train on them with TRL. `tpo-data COMMAND --help` lists a command's options.",
         epilog="Main job: tpo-data iterate --config recipes/tpo-smollm2.yaml --iterations 2",
+        formatter_class=argparse.HelpFormatter,  # a prose description: wrapped
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)

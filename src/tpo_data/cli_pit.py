@@ -30,11 +30,11 @@ from tpo_data.errors import TPODataError
 def _add_generation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pit-model", required=True, help="PIT model folder (trainers/pit.py sft or rl output)")
     parser.add_argument("--reward-model", required=True, help="gap reward model folder (trainers/pit.py reward)")
-    parser.add_argument("--policy", help="model that writes the first answer y_0 (default: see the command help)")
+    parser.add_argument("--policy", help="model that writes the first answer y_0 (default: the PIT model itself)")
     parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (paper: 0.4-0.6)")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling top-p")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="a rewrite is kept only when its gap over the last answer is above this")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
@@ -46,18 +46,17 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
 def add_cli(subparsers: Any) -> None:
     """Register ``improve`` and ``pit-eval`` on an argparse subparsers object."""
     improve = subparsers.add_parser(
-        "improve", help="Improve an answer repeatedly with a PIT model.", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "improve", help="Improve an answer repeatedly with a PIT model.", description=__doc__)
     improve.add_argument("--instruction", required=True, help="the instruction (user request)")
     improve.add_argument("--answer", help="the answer to improve (default: --policy writes one)")
-    improve.add_argument("--max-rounds", type=int, default=3)
+    improve.add_argument("--max-rounds", type=int, default=3,
+                         help="improvement rounds at most; it stops earlier once the gap reward says no gain")
     improve.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_generation(improve)
     improve.set_defaults(func=_cmd_improve)
 
     evaluate = subparsers.add_parser(
-        "pit-eval", help="Evaluate PIT against Self-Refine on held-out items.", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "pit-eval", help="Evaluate PIT against Self-Refine on held-out items.", description=__doc__)
     evaluate.add_argument("--judge-model", required=True,
                           help="the judge (must not be the gap reward model): a point-wise reward model, "
                                "or with --judge pairwise an LLM ('embedded', a folder or a cached Hub id)")
@@ -72,7 +71,7 @@ def add_cli(subparsers: Any) -> None:
                                "with that feedback (default: --policy; 'none' skips it)")
     evaluate.add_argument("--max-items", type=int, default=16,
                           help="held-out instructions to evaluate (one item each, however many rows it has)")
-    evaluate.add_argument("--rounds", type=int, default=2)
+    evaluate.add_argument("--rounds", type=int, default=2, help="improvement rounds of PIT and Self-Refine")
     evaluate.add_argument("--output", help="also write the report as JSON to this file; every answer and "
                           "verdict is kept beside it (report.json -> report.calls.jsonl), so a rerun resumes")
     _add_generation(evaluate)
@@ -80,7 +79,7 @@ def add_cli(subparsers: Any) -> None:
 
     run = subparsers.add_parser(
         "pit-run", help="Run the whole PIT chain of a recipe, skipping finished stages.",
-        description=_pit_run_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_pit_run_doc())
     run.add_argument("--config", default="recipes/pit-smollm2.yaml", help="the PIT recipe")
     run.add_argument("--only", help="run only this stage, unless it is done (its inputs must exist)")
     run.add_argument("--dry-run", action="store_true", help="print the stages and whether they are done")
