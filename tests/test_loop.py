@@ -429,6 +429,11 @@ def test_launcher_comes_from_this_environment(tmp_path, monkeypatch):
         check_training(LoopArguments(train_config="nope.yaml"))
 
 
+def test_iterate_refuses_a_single_iteration_flag(tmp_path):
+    with pytest.raises(TPODataError, match="iterate runs iterations 1..--iterations itself; --iteration 3"):
+        loop_main(["--config", RECIPE, "--output_dir", str(tmp_path), "--iteration", "3"])
+
+
 def test_a_missing_training_recipe_is_refused_before_generating(tiny_lm, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TPODataError, match="Training recipe .*missing.yaml does not exist"):

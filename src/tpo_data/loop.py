@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
 
     parser = recipe_parser((*ARGUMENT_TYPES, LoopArguments, EvalArguments), prog)
     instructions, engine, sampling, run, judge, loop, eval_args = parse_recipe(parser, argv)
+    if run.iteration != 1:
+        raise TPODataError(f"tpo-data iterate runs iterations 1..--iterations itself; --iteration "
+                           f"{run.iteration} (one iteration of generate) would be ignored.",
+                           "Drop --iteration (a rerun resumes where the loop stopped), or raise --iterations.")
     if loop.evaluate:  # before any training: the evaluation would refuse only at the end
         check_one_model_per_endpoint(engine, "the evaluation compares M0 with the models the loop trains")
     started = time.perf_counter()
