@@ -520,6 +520,11 @@ def test_use_ray_on_a_cluster_warns_about_servers_on_loopback(monkeypatch, caplo
     assert [r.getMessage().rsplit("pass ", 1)[1] for r in caplog.records] == ["--base_url."]
     caplog.clear()
     (tmp_path / "ray" / "ray_current_cluster").unlink()
+    from tpo_data.pipeline import _on_loopback
+
+    assert [_on_loopback(u) for u in ("http://127.0.1.1:8000/v1", "http://[::1]:8000/v1",
+                                      "http://10.0.0.5:8000/v1,http://localhost:9/v1", "http://a.b:1/v1", None)] == [
+        True, True, True, False, False]
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     _warn_unreachable_servers(served, JudgeArguments(judge="reward_model", judge_model="rm"), False)
     _warn_unreachable_servers(served, judge, True)  # the judge is the policy: it shares its server

@@ -810,6 +810,10 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     with pytest.raises(TPODataError, match="unknown section.s. sftt") as err:
         plan(tmp_path / "typo.yaml")
     assert "Sections are pipeline, sft, reward, rl" in err.value.fix
+    # A mapping-valued shared setting is no section, misspelt or not: every stage may read it.
+    shared = {**yaml.safe_load(open("recipes/pit-smollm2.yaml")), "model_init_kwargs": {"dtype": "float32"}}
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(shared))
+    assert [s.name for s in plan(tmp_path / "shared.yaml")][:2] == ["prefs", "rows"]
     from tpo_data.pit_training import load_recipe
 
     (tmp_path / "sft.yaml").write_text("sft: 5\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import subprocess
@@ -496,9 +495,10 @@ def test_scrub_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     secrets.register("registered-secret-xyz")
     assert secrets.scrub("a registered-secret-xyz b") == "a *** b"
     assert "registered-secret-xyz" in secrets.secret_values()
-    # Credentials in a URL, in a JSON string too; a plain URL or an e-mail address stays.
-    assert secrets.scrub('{"base_url": "https://alice:s3cr3t@h.example/v1"}') == '{"base_url": "https://***@h.example/v1"}'
-    assert secrets.scrub("http://h.example:8000/v1 mail me@h.example") == "http://h.example:8000/v1 mail me@h.example"
+    # A URL's password, in a JSON string too; a plain URL, a user without password, an e-mail stay.
+    assert secrets.scrub('{"base_url": "https://alice:s3cr3t@h.example/v1"}') == '{"base_url": "https://alice:***@h.example/v1"}'
+    kept = "http://h.example:8000/v1 ssh://git@github.com/o/r.git https://h.example?mail=me@x.org me@h.example"
+    assert secrets.scrub(kept) == kept
     # The endpoint key is masked whichever variable --api_key_env names.
     monkeypatch.setenv("MY_ENDPOINT_KEY", "sk-endpoint-key-12345")
     assert api_key(EngineArguments(api_key_env="MY_ENDPOINT_KEY")) == "sk-endpoint-key-12345"
@@ -515,30 +515,33 @@ def test_version_text_that_quotes_bearer_stays_readable(tmp_path: Path) -> None:
     store.verify("v1")
 
 
+LOG_THROUGH_DISTILABEL = """
+import logging, multiprocessing, sys
+from distilabel.utils.logging import setup_logging, stop_logging
+from tpo_data import secrets
+
+secrets.scrub_log_records()
+setup_logging(log_queue=multiprocessing.Queue(), filename=sys.argv[1])  # as Pipeline.run does
+try:
+    raise ValueError("failed with hf_abcdefghijklmnopqrstuvwxyz0123456789")
+except ValueError:
+    logging.getLogger("tpo_data.test_scrub").exception("request to %s failed", sys.argv[2])
+stop_logging()
+"""
+
+
 def test_log_records_are_scrubbed_whichever_handler_writes_them(tmp_path: Path) -> None:
     """distilabel replaces the root handlers during a run with its console handler and a
-    pipeline.log file handler; records are scrubbed before any handler sees them."""
-    from distilabel.utils.logging import setup_logging, stop_logging
-
-    secrets.scrub_log_records()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    pipeline.log file handler; records are scrubbed before any handler sees them. In a child
+    process: distilabel's logging setup changes loggers for good."""
     log_file = tmp_path / "pipeline.log"
-    queue: multiprocessing.Queue = multiprocessing.Queue()
-    try:
-        setup_logging(log_queue=queue, filename=str(log_file))  # as Pipeline.run does
-        logger = logging.getLogger("tpo_data.test_scrub")
-        try:
-            raise ValueError("failed with hf_abcdefghijklmnopqrstuvwxyz0123456789")
-        except ValueError:
-            logger.exception("request to %s failed", "https://alice:endpoint-secret-1@h.example/v1")
-    finally:
-        stop_logging()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    written = log_file.read_text()
-    assert "request to https://***@h.example/v1 failed" in written and "ValueError: failed with ***" in written
-    assert "abcdefghijklmnopqrstuvwxyz" not in written and "endpoint-secret-1" not in written
+    done = subprocess.run([sys.executable, "-c", LOG_THROUGH_DISTILABEL, str(log_file),
+                           "https://alice:endpoint-secret-1@h.example/v1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for written in (log_file.read_text(), done.stdout + done.stderr):
+        assert "request to https://alice:***@h.example/v1 failed" in " ".join(written.split())
+        assert "ValueError: failed with ***" in written
+        assert "abcdefghijklmnopqrstuvwxyz" not in written and "endpoint-secret-1" not in written
 
 
 def test_compute_stats() -> None:
@@ -780,3 +783,22 @@ def test_notebook_import_keeps_ipython_tracebacks(first: str, kept: bool) -> Non
     patched = "[]" if kept else "['_showtraceback', 'showsyntaxerror', 'showtraceback']"
     assert f"patched: {patched}" in proc.stdout
     assert (token in out) is not kept
+
+
+def _log_a_secret_and_fail(value: str) -> None:
+    logging.getLogger("tpo_data.test").warning("the key is %s", value)
+    raise SystemExit(3)
+
+
+def test_the_pipeline_process_masks_secrets_registered_by_its_parent(capfd) -> None:
+    """The pipeline runs in a spawned interpreter: a key known only to the parent's registry
+    (--api_key_env's variable, a token given as a flag) is masked there as well."""
+    import functools
+
+    from tpo_data.pipeline import run_in_fresh_process
+
+    key = "custom-endpoint-key-" + "9" * 12
+    secrets.register(key)
+    code = run_in_fresh_process(functools.partial(_log_a_secret_and_fail, key), False, Path("unused.yaml"))
+    out = capfd.readouterr()
+    assert code == 3 and "the key is ***" in out.out + out.err and key not in out.out + out.err

@@ -36,12 +36,17 @@ def recipe_parser(dataclass_types: Any, prog: str | None = None) -> Any:
     return parser
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written (they hold usage examples); every option with its default, unless
-    its help already says what the default means."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option with its default, unless it is required or its help says what the default means."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+        if action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` with the description as written (a docstring with usage examples)."""
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -194,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         "build preference datasets with distilabel, version them, review them in Argilla and "
         "train on them with TRL. `tpo-data COMMAND --help` lists a command's options.",
         epilog="Main job: tpo-data iterate --config recipes/tpo-smollm2.yaml --iterations 2",
-        formatter_class=argparse.HelpFormatter,  # a prose description: wrapped
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -45,8 +45,11 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
 
 def add_cli(subparsers: Any) -> None:
     """Register ``improve`` and ``pit-eval`` on an argparse subparsers object."""
+    from tpo_data.cli import RawHelpFormatter  # cli imports this module
+
     improve = subparsers.add_parser(
-        "improve", help="Improve an answer repeatedly with a PIT model.", description=__doc__)
+        "improve", help="Improve an answer repeatedly with a PIT model.", description=__doc__,
+        formatter_class=RawHelpFormatter)
     improve.add_argument("--instruction", required=True, help="the instruction (user request)")
     improve.add_argument("--answer", help="the answer to improve (default: --policy writes one)")
     improve.add_argument("--max-rounds", type=int, default=3,
@@ -56,7 +59,8 @@ def add_cli(subparsers: Any) -> None:
     improve.set_defaults(func=_cmd_improve)
 
     evaluate = subparsers.add_parser(
-        "pit-eval", help="Evaluate PIT against Self-Refine on held-out items.", description=__doc__)
+        "pit-eval", help="Evaluate PIT against Self-Refine on held-out items.", description=__doc__,
+        formatter_class=RawHelpFormatter)
     evaluate.add_argument("--judge-model", required=True,
                           help="the judge (must not be the gap reward model): a point-wise reward model, "
                                "or with --judge pairwise an LLM ('embedded', a folder or a cached Hub id)")
@@ -79,7 +83,7 @@ def add_cli(subparsers: Any) -> None:
 
     run = subparsers.add_parser(
         "pit-run", help="Run the whole PIT chain of a recipe, skipping finished stages.",
-        description=_pit_run_doc())
+        description=_pit_run_doc(), formatter_class=RawHelpFormatter)
     run.add_argument("--config", default="recipes/pit-smollm2.yaml", help="the PIT recipe")
     run.add_argument("--only", help="run only this stage, unless it is done (its inputs must exist)")
     run.add_argument("--dry-run", action="store_true", help="print the stages and whether they are done")

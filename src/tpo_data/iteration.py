@@ -211,7 +211,7 @@ def _check_own_version(store: LocalStore, version: str, result: GenerationResult
             + "; ".join(differ) + " differ. It was written by another run sharing the store, or by "
             "this one with other settings; versions are immutable.",
             "Rerun with the settings that wrote it, give this run its own store (--store, default "
-            "<output_dir>/store), or use another --iteration; this run's generations are kept.",
+            "<output_dir>/store), or (with generate) another --iteration; this run's generations are kept.",
         )
 
 

@@ -238,7 +238,8 @@ def run_loop(instructions: InstructionArguments, engine: EngineArguments, sampli
         raise TPODataError("The loop trains on judged pairs, and the recipe sets --judge none.",
                            "Pass --judge pairwise or --judge reward_model.")
     require_pairs_possible(sampling)
-    check_training(loop)
+    if any(not (model_dir(run.output_dir, t) / LINEAGE).is_file() for t in range(1, loop.iterations + 1)):
+        check_training(loop)  # a finished loop rerun (to evaluate, say) trains nothing
     if loop.iterations > 1:
         check_one_model_per_endpoint(engine, f"iterations 2..{loop.iterations} generate with the models "
                                      "the loop trains (M1, M2, ...)")

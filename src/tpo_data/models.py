@@ -169,8 +169,9 @@ def resolve_model(name: str, flag: str = "--model") -> Path | str:
         f"Model {name!r} was not found: no such local folder"
         + (", and it is not in the local Hugging Face cache" if looks_like_hub_id else "")
         + ".",
-        "Pass a local folder with config.json, download the model first "
-        f"(`hf download {name}` on a machine with Hub access), or use {flag} embedded.",
+        "Pass a local folder with config.json"
+        + (f", download the model first (`hf download {name}` on a machine with Hub access)"
+           if looks_like_hub_id else "") + f", or use {flag} embedded.",
     )
 
 

@@ -32,7 +32,7 @@ from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_
 from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
-from tpo_data.secrets import scrub
+from tpo_data.secrets import register, scrub, secret_values
 from tpo_data.judges import (
     FORCE_MAX_NEW_TOKENS,
     FORCE_PREFIX,
@@ -239,10 +239,12 @@ def _judge_factory(judge: JudgeArguments, judge_path: str, engine: EngineArgumen
 
 
 def _run_pipeline(build: Callable[[], Any], use_ray: bool, yaml_path: Path,
-                  log_level: int) -> None:
+                  log_level: int, secrets: list[str]) -> None:
     """Child-process entry point: build the distilabel pipeline and run it."""
     from tpo_data.cli import setup_logging
 
+    for value in secrets:
+        register(value)
     # A spawned interpreter starts without the caller's logging; distilabel's
     # progress should show all the same.
     setup_logging(log_level)
@@ -319,7 +321,9 @@ def run_in_fresh_process(build: Callable[[], Any], use_ray: bool, yaml_path: Pat
         # distilabel collects its workers' logs only in a process named MainProcess.
         name="MainProcess",
         target=_run_pipeline,
-        args=(build, use_ray, yaml_path, logging.getLogger().getEffectiveLevel()),
+        # The secrets registered here (a token given as a flag, the --api_key_env key): a
+        # spawned interpreter starts without them, and they must be masked there too.
+        args=(build, use_ray, yaml_path, logging.getLogger().getEffectiveLevel(), secret_values()),
     )
     process.start()
     try:
@@ -409,7 +413,7 @@ def check_resume(ledger: GenerationLedger, rows: list[dict], spec: dict[str, Any
         "--output_dir to run on the retrained model (this run's versions and models stay)."
         if differ == ["model_trained"] else
         "Rerun with the settings it was started with to resume it, or use a new "
-        "--output_dir (or --iteration) for the new settings."))
+        "--output_dir (with generate, another --iteration) for the new settings."))
 
 
 def judge_spec(judge: JudgeArguments, judge_path: str) -> dict[str, Any]:
@@ -433,7 +437,7 @@ def check_judge(ledger: GenerationLedger, spec: dict[str, Any]) -> None:
     judged = sum(isinstance(row.get("scores"), list) for row in ledger.rows.values())
     _check_spec(ledger.path.parent / JUDGE_SPEC, spec, judged, "judged", lambda differ: (
         "Rerun with the judge settings it was started with to resume it, or use a new "
-        "--output_dir (or --iteration) to judge with the new ones."))
+        "--output_dir (with generate, another --iteration) to judge with the new ones."))
 
 
 def _check_spec(path: Path, spec: dict[str, Any], done: int, verb: str,

@@ -35,6 +35,7 @@ on a shared 2-core machine one thread per process trained twice as fast as two).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -147,11 +148,14 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
     shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
-    typos = sorted(k for k, v in shared.items() if isinstance(v, dict))
-    if typos:  # no stage would read them: a misspelt section would silently keep its defaults
+    sections_known = (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)
+    # A misspelt section would silently leave its stage on defaults (mapping-valued settings
+    # such as model_init_kwargs are shared keys, and named unlike any section).
+    typos = sorted(k for k, v in shared.items()
+                   if isinstance(v, dict) and difflib.get_close_matches(k, sections_known, n=1, cutoff=0.75))
+    if typos:
         raise TPODataError(f"{recipe}: unknown section(s) {', '.join(typos)}.",
-                           f"Sections are {', '.join((*RECIPE_SECTIONS, *PIT_RUN_SECTIONS))}: fix the name "
-                           "or move its keys into one of them.")
+                           f"Sections are {', '.join(sections_known)}: fix the name.")
     sft_version, refs_version = _versions(recipe, shared, pipe, sections)
     stages: list[Stage] = []
 

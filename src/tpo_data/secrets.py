@@ -2,7 +2,7 @@
 
 Cards, manifests, logs, pipeline.yaml copies and error messages all pass through
 :func:`scrub`. It masks Hugging Face token shapes (``hf_...``, ``api_org_...``),
-``Authorization: Bearer ...`` values, credentials in URLs (``https://user:key@host``),
+``Authorization: Bearer ...`` values, passwords in URLs (``https://user:key@host``),
 and the literal values of the credential environment variables and of any secret
 registered at run time (for example a token passed as an argument instead of
 through the environment, or the endpoint key read from ``--api_key_env``).
@@ -25,8 +25,8 @@ _TOKEN_PATTERNS = (
     re.compile(r"\bapi_org_[A-Za-z0-9]{20,}"),
     # No backslash: in JSON or YAML text, `bearer \"x` must keep its escape (the file stays valid).
     re.compile(r"(?i)(bearer\s+)[^\s'\",;\\]+"),
-    # The user-info part of a URL (an endpoint or proxy with basic auth).
-    re.compile(r"(://)[^/@\s'\",;\\]+(?=@)"),
+    # The password of a URL's user-info (an endpoint or proxy with basic auth); "git@" has none.
+    re.compile(r"(://[^/@\s:'\",;\\]*:)[^/@\s'\",;\\]+(?=@)"),
 )
 # Very short values would mask ordinary words; nobody uses them as real secrets.
 _MIN_SECRET_LENGTH = 8

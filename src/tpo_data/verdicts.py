@@ -90,7 +90,10 @@ def _forms(response: str) -> tuple[str, ...]:
     """``response`` as shown and, when it was neutralized, as written: a judge that quotes it
     may restore ``[ [A] ]`` to ``[[A]]``, and that copy is still a quotation."""
     written = _NEUTRALIZED.sub(r"[[\1]]", response)
-    return (response,) if written == response else (response, written)
+    # A response that is nothing but a token: its copy would be the judge's own plain verdict.
+    if written == response or _TOKEN.fullmatch(written.strip()):
+        return (response,)
+    return (response, written)
 
 
 def _copy_spans(text: str, response: str) -> list[tuple[int, int]]:
