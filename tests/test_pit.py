@@ -528,14 +528,16 @@ def test_improve_cli(pit_run, capsys):
     assert all(isinstance(r["gap"], float) for r in report["rounds"])
     for flags, problem in ((["--pit-model", "/nonexistent/pit"], "--pit-model"),
                            (["--pit-model", str(pit_run["lm"]), "--reward-model", str(pit_run["lm"])],
-                            "not a PIT gap reward model")):
+                            "not a PIT gap reward model"),
+                           (["--pit-model", str(pit_run["lm"]), "--engine", "vllm",
+                             "--vllm-gpu-memory-utilization", "1.5"], "must lie in \\(0, 1\\]")):
         argv = ["improve", "--reward-model", str(pit_run["reward"]), "--instruction", "x", *flags]
         try:
             code = cli_main(argv)
         except SystemExit as exited:
             code = exited.code
         assert code == 2
-        assert problem in capsys.readouterr().err
+        assert re.search(problem, capsys.readouterr().err)
 
 
 def _ledger_keys(path):

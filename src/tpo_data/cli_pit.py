@@ -41,6 +41,9 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
                         help="transformers: in process; vllm: one vLLM server per distinct model "
                              "(much faster on CPU for the pair-wise judge; needs .venv-vllm)")
     parser.add_argument("--vllm-port", type=int, default=8031, help="port of the first vLLM server")
+    parser.add_argument("--vllm-gpu-memory-utilization", type=float,
+                        help="GPU: the share of GPU memory each vLLM server may take; the servers run at "
+                             "once, so on one GPU e.g. 0.3 for three models (default: vLLM's, 0.9)")
 
 
 def add_cli(subparsers: Any) -> None:
@@ -105,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace, log_dir: str | Path, ledger: Any = None):
     from tpo_data.pit_eval import LocalModels
 
-    return LocalModels(args.engine, vllm_port=args.vllm_port, log_dir=log_dir, seed=args.seed, ledger=ledger)
+    return LocalModels(args.engine, vllm_port=args.vllm_port, log_dir=log_dir, seed=args.seed, ledger=ledger,
+                       gpu_memory_utilization=args.vllm_gpu_memory_utilization)
 
 
 def _chat(args: argparse.Namespace, models: Any, model: str, what: str):

@@ -155,12 +155,16 @@ class LocalModels:
     shared by every use of that model (policy, Self-Refine, judge). Servers stop on exit."""
 
     def __init__(self, engine: str = "transformers", *, vllm_port: int = 8031, log_dir: str | Path = ".",
-                 seed: int = 0, ledger: CallLedger | None = None):
+                 seed: int = 0, ledger: CallLedger | None = None, gpu_memory_utilization: float | None = None):
         from contextlib import ExitStack
+
+        from tpo_data.engines import EngineArguments
 
         if engine not in ("transformers", "vllm"):
             raise TPODataError(f"Unknown engine {engine!r}.", "Use transformers or vllm.")
         self.engine, self.vllm_port, self.log_dir, self.seed = engine, vllm_port, Path(log_dir), seed
+        self.gpu_memory_utilization = gpu_memory_utilization
+        EngineArguments(vllm_gpu_memory_utilization=gpu_memory_utilization)  # checked before any work
         self.ledger = ledger or CallLedger(None)
         self.stack = ExitStack()
         self.servers: dict[str, tuple[str | None, str | None]] = {}
@@ -201,7 +205,8 @@ class LocalModels:
         from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
         from tpo_data.pipeline import start_endpoint
 
-        engine = EngineArguments(model=path, engine=self.engine, vllm_port=self.vllm_port + len(self.servers))
+        engine = EngineArguments(model=path, engine=self.engine, vllm_port=self.vllm_port + len(self.servers),
+                                 vllm_gpu_memory_utilization=self.gpu_memory_utilization)
         sampling = SamplingArguments(num_samples=1, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens, seed=self.seed)
         if self.engine == "vllm" and path not in self.servers:

@@ -164,7 +164,7 @@ class VLLMServer:
                     f"Read {self.log_path}; common causes: head_dim < 32 on CPU, too little "
                     "--vllm_kvcache_gb, a model folder vLLM cannot load, or, on a GPU that already "
                     "holds another server (the policy's or the judge's), too large a memory share "
-                    "(generate, iterate and eval: --vllm_gpu_memory_utilization 0.45).",
+                    "(--vllm_gpu_memory_utilization 0.45).",
                 )
             try:
                 list_models(self.base_url, timeout=2.0)
