@@ -37,7 +37,6 @@ from typing import Any
 from tpo_data.engines import EngineArguments, SamplingArguments, build_llm, check_one_model_per_endpoint
 from tpo_data.errors import TPODataError
 from tpo_data.files import read_jsonl_log
-from tpo_data.secrets import scrub
 from tpo_data.eval_metrics import by_category, outcome, output_stats, shown_response, win_rate
 from tpo_data.eval_report import position_note, write_report
 from tpo_data.instructions import (
@@ -60,6 +59,7 @@ from tpo_data.pipeline import (
     start_endpoint,
 )
 from tpo_data.prompts import load_prompt
+from tpo_data.secrets import scrub
 from tpo_data.verdicts import neutralize
 
 log = logging.getLogger("tpo_data")

@@ -18,7 +18,6 @@ from tpo_data import hub
 from tpo_data.engines import EngineArguments, SamplingArguments
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
-from tpo_data.secrets import scrub
 from tpo_data.instructions import (
     InstructionArguments,
     SliceLedger,
@@ -44,6 +43,7 @@ from tpo_data.pipeline import (
     serving_context,
 )
 from tpo_data.prompts import ThoughtPrompt, load_prompt
+from tpo_data.secrets import scrub
 from tpo_data.store import MANIFEST, LocalStore, write_iteration
 from tpo_data.training import LINEAGE
 

@@ -25,14 +25,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 from tpo_data.engines import EngineArguments, SamplingArguments, api_key, build_llm
 from tpo_data.endpoints import split_endpoints
 from tpo_data.errors import TPODataError
 from tpo_data.files import write_text_atomic
-from tpo_data.secrets import register, scrub, secret_values
 from tpo_data.judges import (
     FORCE_MAX_NEW_TOKENS,
     FORCE_PREFIX,
@@ -43,6 +42,7 @@ from tpo_data.judges import (
     judge_sampling,
 )
 from tpo_data.prompts import ThoughtPrompt
+from tpo_data.secrets import register, scrub, secret_values
 from tpo_data.training import trained_at
 
 log = logging.getLogger("tpo_data")
@@ -272,9 +272,13 @@ def require_ray() -> None:
 
 
 def _on_loopback(base_url: str | None) -> bool:
-    return base_url is not None and any(
-        (urlsplit(url).hostname or "") in ("localhost", "::1") or (urlsplit(url).hostname or "").startswith("127.")
-        for url in split_endpoints(base_url))
+    hosts = [urlsplit(url).hostname or "" for url in split_endpoints(base_url)] if base_url else []
+    return any(host in ("localhost", "::1") or host.startswith("127.") for host in hosts)
+
+
+def _served_on_loopback(args: EngineArguments) -> bool:
+    """A vLLM server this run starts (127.0.0.1 only), or endpoints the user gave on loopback."""
+    return (args.engine == "vllm" and not args.base_url) or _on_loopback(args.base_url)
 
 
 def _joins_a_cluster() -> bool:
@@ -294,11 +298,11 @@ def _warn_unreachable_servers(engine: EngineArguments, judge: JudgeArguments | N
     """On a Ray cluster, steps on other nodes cannot reach a server on this machine's 127.0.0.1
     (a vLLM server this run starts listens there only)."""
     local = []
-    if (engine.engine == "vllm" and not engine.base_url) or _on_loopback(engine.base_url):
+    if _served_on_loopback(engine):
         local.append("--base_url")
     if judge is not None and judge.judge == "pairwise":
         args, reuse = judge_engine_args(judge, engine, same_model)
-        if not reuse and ((args.engine == "vllm" and not args.base_url) or _on_loopback(args.base_url)):
+        if not reuse and _served_on_loopback(args):
             local.append("--judge_base_url")
     if local and _joins_a_cluster():
         log.warning("--use_ray on a running Ray cluster: the server(s) for %s listen on 127.0.0.1 of this "

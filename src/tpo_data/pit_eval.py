@@ -37,7 +37,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,8 @@ class LocalModels:
         if engine not in ("transformers", "vllm"):
             raise TPODataError(f"Unknown engine {engine!r}.", "Use transformers or vllm.")
         self.engine, self.vllm_port, self.log_dir, self.seed = engine, vllm_port, Path(log_dir), seed
-        self.gpu_memory_utilization = gpu_memory_utilization
-        EngineArguments(vllm_gpu_memory_utilization=gpu_memory_utilization)  # checked before any work
+        # Every model's engine settings but its path and port; checked here, before any work.
+        self._engine_args = EngineArguments(engine=engine, vllm_gpu_memory_utilization=gpu_memory_utilization)
         self.ledger = ledger or CallLedger(None)
         self.stack = ExitStack()
         self.servers: dict[str, tuple[str | None, str | None]] = {}
@@ -202,11 +202,10 @@ class LocalModels:
         return _Deferred(lambda: self._load(path, **settings))
 
     def _load(self, path: str, max_new_tokens: int, temperature: float, top_p: float) -> Any:
-        from tpo_data.engines import EngineArguments, SamplingArguments, build_llm
+        from tpo_data.engines import SamplingArguments, build_llm
         from tpo_data.pipeline import start_endpoint
 
-        engine = EngineArguments(model=path, engine=self.engine, vllm_port=self.vllm_port + len(self.servers),
-                                 vllm_gpu_memory_utilization=self.gpu_memory_utilization)
+        engine = replace(self._engine_args, model=path, vllm_port=self.vllm_port + len(self.servers))
         sampling = SamplingArguments(num_samples=1, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens, seed=self.seed)
         if self.engine == "vllm" and path not in self.servers:

@@ -147,8 +147,8 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # A Hub dataset id (Anthropic/hh-rlhf) that is no local path: the rows stage reads it from the
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
-    shared = {k: v for k, v in data.items() if k not in (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)}
     sections_known = (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)
+    shared = {k: v for k, v in data.items() if k not in sections_known}
     # A misspelt section would silently leave its stage on defaults (mapping-valued settings
     # such as model_init_kwargs are shared keys, and named unlike any section).
     typos = sorted(k for k, v in shared.items()

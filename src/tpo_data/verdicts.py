@@ -132,7 +132,8 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
     """
     text = _drop_end_tokens(judgment)
     shown = dict(zip(VERDICTS, shown_responses))
-    copies = {p: [span for form in _forms(r) for span in _copy_spans(text, form)] for p, r in shown.items()}
+    forms = {p: _forms(r) for p, r in shown.items()}
+    copies = {p: [span for form in forms[p] for span in _copy_spans(text, form)] for p in shown}
 
     def favours_quoted(letter: str, start: int, end: int) -> bool:
         # A token inside a copy of response P is ignored unless it names the
@@ -169,7 +170,7 @@ def parse_verdict(judgment: str, shown_responses: tuple[str, str] = ("", "")) ->
         for match in _TOKEN.finditer(line):
             letter = match.group(1)
             start, end = line_start + match.start(), line_start + match.end()
-            if letter in shown and any(_shares_context(text, start, end, form) for form in _forms(shown[letter])):
+            if letter in shown and any(_shares_context(text, start, end, form) for form in forms[letter]):
                 continue
             before, after = line[match.start() - 1 : match.start()], line[match.end() : match.end() + 1]
             if says_more and before and after and before in _OPEN_QUOTES and after in _CLOSE_QUOTES:
