@@ -812,6 +812,11 @@ def test_pit_run_plan_of_the_recipe(tmp_path):
     with pytest.raises(TPODataError, match="unknown section.s. sftt") as err:
         plan(tmp_path / "typo.yaml")
     assert "Sections are pipeline, sft, reward, rl" in err.value.fix
+    renamed = yaml.safe_load(open("recipes/pit-smollm2.yaml"))
+    renamed["sftt"] = renamed.pop("sft")  # not "section 'sft' has no 'output_dir'"
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(renamed))
+    with pytest.raises(TPODataError, match="unknown section.s. sftt"):
+        plan(tmp_path / "typo.yaml")
     # A mapping-valued shared setting is no section, misspelt or not: every stage may read it.
     shared = {**yaml.safe_load(open("recipes/pit-smollm2.yaml")), "model_init_kwargs": {"dtype": "float32"}}
     (tmp_path / "shared.yaml").write_text(yaml.safe_dump(shared))

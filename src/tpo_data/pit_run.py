@@ -136,6 +136,15 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     data = read_recipe(recipe)
     py = python or sys.executable
     store = Path(data.get("store", "outputs/pit/store"))
+    sections_known = (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)
+    shared = {k: v for k, v in data.items() if k not in sections_known}
+    # A misspelt section would leave its stage on defaults, or read as one with no output_dir:
+    # named first. Mapping-valued settings such as model_init_kwargs are shared keys, named unlike any.
+    typos = sorted(k for k, v in shared.items()
+                   if isinstance(v, dict) and difflib.get_close_matches(k, sections_known, n=1, cutoff=0.75))
+    if typos:
+        raise TPODataError(f"{recipe}: unknown section(s) {', '.join(typos)}.",
+                           f"Sections are {', '.join(sections_known)}: fix the name.")
     pipe = recipe_section(data, "pipeline", recipe)
     sections = {name: recipe_section(data, name, recipe) for name in ("sft", "reward", "rl", "rl2", "eval")}
     for name in ("sft", "reward", "rl", "rl2"):
@@ -147,15 +156,6 @@ def plan(recipe_path: str | Path, python: str | None = None) -> list[Stage]:
     # A Hub dataset id (Anthropic/hh-rlhf) that is no local path: the rows stage reads it from the
     # local Hugging Face cache, and says how to fill the cache if it is not there.
     hub_id = looks_like_hub_id(named)
-    sections_known = (*RECIPE_SECTIONS, *PIT_RUN_SECTIONS)
-    shared = {k: v for k, v in data.items() if k not in sections_known}
-    # A misspelt section would silently leave its stage on defaults (mapping-valued settings
-    # such as model_init_kwargs are shared keys, and named unlike any section).
-    typos = sorted(k for k, v in shared.items()
-                   if isinstance(v, dict) and difflib.get_close_matches(k, sections_known, n=1, cutoff=0.75))
-    if typos:
-        raise TPODataError(f"{recipe}: unknown section(s) {', '.join(typos)}.",
-                           f"Sections are {', '.join(sections_known)}: fix the name.")
     sft_version, refs_version = _versions(recipe, shared, pipe, sections)
     stages: list[Stage] = []
 
